@@ -1,0 +1,1 @@
+//! VRRPv3 (RFC 5798) election and membership heartbeats.

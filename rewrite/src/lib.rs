@@ -1,0 +1,1 @@
+//! Packet formats and rewrites for the balancer's dataplane. No I/O, no clock.
