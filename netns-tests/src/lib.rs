@@ -2,4 +2,5 @@
 //! links in namespaces of its own, plus the integration tests, `drill` and
 //! `bench` built on it. Everything needs root.
 
+pub mod client;
 pub mod topo;
