@@ -1,1 +1,3 @@
 //! The balancer node.
+
+pub mod dataplane;

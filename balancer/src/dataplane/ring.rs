@@ -36,21 +36,25 @@ pub struct RxMeta {
     pub pkttype: u8,
 }
 
-/// A batched frame I/O backend; the dataplane is written against this so the
-/// AF_PACKET ring can be swapped for AF_XDP.
-pub trait FrameIo {
+/// Received frames, in batches. The dataplane is written against these two
+/// traits so the AF_PACKET rings can be swapped for AF_XDP.
+pub trait FrameRx {
     /// Hands each ready received frame (up to `budget`) to `f` as a mutable
     /// slice it may rewrite in place, then returns the slot to the kernel.
-    /// Frames truncated by the slot size are passed with `meta.len` larger
-    /// than the slice.
+    /// A frame truncated by the slot size comes with `meta.len` larger than
+    /// the slice.
     fn recv_batch(&mut self, budget: usize, f: &mut dyn FnMut(&mut [u8], RxMeta)) -> usize;
-    /// Queues a frame for sending; false when the TX ring is full or the
-    /// frame does not fit a slot (the caller counts the drop).
+    /// The descriptor to poll for readability.
+    fn fd(&self) -> RawFd;
+}
+
+/// Frames to send, queued and handed to the kernel in batches.
+pub trait FrameTx {
+    /// Queues a frame; false when the ring is full or the frame does not fit
+    /// a slot (the caller counts the drop).
     fn send(&mut self, frame: &[u8]) -> bool;
     /// Hands queued frames to the kernel.
     fn flush(&mut self) -> io::Result<()>;
-    /// The descriptor to poll for readability.
-    fn fd(&self) -> RawFd;
 }
 
 const TPACKET_V2: libc::c_int = 1;
@@ -59,7 +63,6 @@ const TP_STATUS_KERNEL: u32 = 0;
 const TP_STATUS_USER: u32 = 1;
 const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
-const TP_STATUS_AVAILABLE: u32 = 0;
 const TP_STATUS_SEND_REQUEST: u32 = 1;
 const TP_STATUS_SENDING: u32 = 2;
 const TP_STATUS_WRONG_FORMAT: u32 = 4;
@@ -76,21 +79,10 @@ mod field {
     pub const MAC: usize = 12;
 }
 
-/// Ring geometry. Slots of 2048 bytes hold a 1514-byte frame plus headers.
-#[derive(Clone, Copy, Debug)]
-pub struct RingConfig {
-    pub frame_size: usize,
-    pub rx_frames: usize,
-    pub tx_frames: usize,
-}
-
-impl Default for RingConfig {
-    fn default() -> Self {
-        RingConfig { frame_size: 2048, rx_frames: 2048, tx_frames: 1024 }
-    }
-}
-
+/// Ring geometry: slots of 2048 bytes hold a 1514-byte frame plus headers.
+pub const FRAME_SIZE: usize = 2048;
 const BLOCK_SIZE: usize = 1 << 16;
+const PER_BLOCK: usize = BLOCK_SIZE / FRAME_SIZE;
 
 struct Mapping {
     ptr: NonNull<u8>,
@@ -106,21 +98,31 @@ impl Drop for Mapping {
     }
 }
 
-/// A TPACKET_V2 socket bound to one interface.
-pub struct PacketRing {
-    fd: OwnedFd,
-    map: Mapping,
-    frame_size: usize,
-    rx_frames: usize,
-    tx_frames: usize,
-    rx_next: usize,
-    tx_next: usize,
-    tx_pending: usize,
-    ifindex: u32,
+impl Mapping {
+    fn slot(&self, idx: usize) -> *mut u8 {
+        debug_assert!((idx + 1) * FRAME_SIZE <= self.len);
+        // SAFETY (for callers): idx < frames of the ring, so the slot lies in the mapping.
+        unsafe { self.ptr.as_ptr().add(idx * FRAME_SIZE) }
+    }
 }
 
-// SAFETY: the mapping is owned by this value and only touched through &mut self.
-unsafe impl Send for PacketRing {}
+fn status(slot: *mut u8) -> &'static AtomicU32 {
+    // SAFETY: the status word is 4-aligned at the slot start (slots are
+    // FRAME_SIZE-aligned within a page-aligned mapping) and shared with the
+    // kernel, hence atomic access. The mapping outlives every use (owned by
+    // the ring that calls this).
+    unsafe { &*(slot.add(field::STATUS) as *const AtomicU32) }
+}
+
+fn read_u32(slot: *mut u8, off: usize) -> u32 {
+    // SAFETY: off is a field offset within the 32-byte header.
+    unsafe { std::ptr::read_volatile(slot.add(off) as *const u32) }
+}
+
+fn read_u16(slot: *mut u8, off: usize) -> u16 {
+    // SAFETY: as above.
+    unsafe { std::ptr::read_volatile(slot.add(off) as *const u16) }
+}
 
 fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
     if ret < 0 {
@@ -130,183 +132,258 @@ fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T, what: &str) -> io::Result<()> {
+fn setsockopt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: &T,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: val points to a live T of the given size.
     let r = unsafe {
-        libc::setsockopt(fd, level, name, (val as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (val as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
     };
     check(r, what)
 }
 
 /// Interface index of `name`, or an error naming it.
 pub fn ifindex(name: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
     // SAFETY: c is a valid NUL-terminated string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if i == 0 {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface named {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface named {name:?}"),
+        ));
     }
     Ok(i)
 }
 
-impl PacketRing {
-    /// Opens the rings on interface `ifname`.
-    pub fn open(ifname: &str, cfg: RingConfig) -> io::Result<PacketRing> {
-        let ifindex = ifindex(ifname)?;
-        let proto_be = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2).
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto_be as libc::c_int) };
-        check(raw, "socket(AF_PACKET)")?;
-        // SAFETY: raw is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let s = fd.as_raw_fd();
-        setsockopt(s, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V2, "PACKET_VERSION")?;
-        let one: libc::c_int = 1;
-        setsockopt(s, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, "PACKET_IGNORE_OUTGOING")?;
-        // Do not let the qdisc reorder or drop our TX silently: bypass it.
-        setsockopt(s, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one, "PACKET_QDISC_BYPASS")?;
+/// An AF_PACKET socket on one interface with one ring mapped. `protocol` 0
+/// makes a send-only socket that receives nothing (so the TX socket does not
+/// get a copy of every frame).
+fn open_ring(
+    ifname: &str,
+    protocol: u16,
+    ring_opt: libc::c_int,
+    frames: usize,
+) -> io::Result<(OwnedFd, Mapping, usize)> {
+    let ifindex = ifindex(ifname)?;
+    let proto_be = protocol.to_be();
+    // SAFETY: plain socket(2).
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            proto_be as libc::c_int,
+        )
+    };
+    check(raw, "socket(AF_PACKET)")?;
+    // SAFETY: raw is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let s = fd.as_raw_fd();
+    setsockopt(
+        s,
+        libc::SOL_PACKET,
+        libc::PACKET_VERSION,
+        &TPACKET_V2,
+        "PACKET_VERSION",
+    )?;
+    let one: libc::c_int = 1;
+    if protocol != 0 {
+        setsockopt(
+            s,
+            libc::SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            &one,
+            "PACKET_IGNORE_OUTGOING",
+        )?;
+    } else {
+        // Frames we send skip the qdisc: the ring is our queue.
+        setsockopt(
+            s,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            &one,
+            "PACKET_QDISC_BYPASS",
+        )?;
+    }
+    let blocks = frames.div_ceil(PER_BLOCK).max(1);
+    let req = libc::tpacket_req {
+        tp_block_size: BLOCK_SIZE as u32,
+        tp_block_nr: blocks as u32,
+        tp_frame_size: FRAME_SIZE as u32,
+        tp_frame_nr: (blocks * PER_BLOCK) as u32,
+    };
+    setsockopt(s, libc::SOL_PACKET, ring_opt, &req, "PACKET_RX/TX_RING")?;
+    let len = blocks * BLOCK_SIZE;
+    // SAFETY: mapping the ring just configured on s; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            s,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::other(format!(
+            "mmap ring on {ifname}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+    let map = Mapping { ptr, len };
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto_be;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: sll is a valid sockaddr_ll for bind(2).
+    let r = unsafe {
+        libc::bind(
+            s,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    check(r, "bind(AF_PACKET)")?;
+    Ok((fd, map, blocks * PER_BLOCK))
+}
 
-        let per_block = BLOCK_SIZE / cfg.frame_size;
-        let rx_blocks = cfg.rx_frames.div_ceil(per_block);
-        let tx_blocks = cfg.tx_frames.div_ceil(per_block);
-        let req = |blocks: usize| libc::tpacket_req {
-            tp_block_size: BLOCK_SIZE as u32,
-            tp_block_nr: blocks as u32,
-            tp_frame_size: cfg.frame_size as u32,
-            tp_frame_nr: (blocks * per_block) as u32,
-        };
-        setsockopt(s, libc::SOL_PACKET, libc::PACKET_RX_RING, &req(rx_blocks), "PACKET_RX_RING")?;
-        setsockopt(s, libc::SOL_PACKET, libc::PACKET_TX_RING, &req(tx_blocks), "PACKET_TX_RING")?;
-        let len = (rx_blocks + tx_blocks) * BLOCK_SIZE;
-        // SAFETY: mapping the rings just configured on s; checked below.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, s, 0)
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::new(io::ErrorKind::Other, format!("mmap ring: {}", io::Error::last_os_error())));
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        let map = Mapping { ptr, len };
+/// The receive ring of one interface (TPACKET_V2, `ETH_P_ALL`).
+pub struct RxRing {
+    fd: OwnedFd,
+    map: Mapping,
+    frames: usize,
+    next: usize,
+}
 
-        // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto_be;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: sll is a valid sockaddr_ll for bind(2).
-        let r = unsafe {
-            libc::bind(s, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        check(r, "bind(AF_PACKET)")?;
-        Ok(PacketRing {
+// SAFETY: the mapping is owned by this value and only touched through &mut self.
+unsafe impl Send for RxRing {}
+
+impl RxRing {
+    /// Opens a receive ring of at least `frames` slots on `ifname`.
+    pub fn open(ifname: &str, frames: usize) -> io::Result<RxRing> {
+        let (fd, map, frames) =
+            open_ring(ifname, libc::ETH_P_ALL as u16, libc::PACKET_RX_RING, frames)?;
+        Ok(RxRing {
             fd,
             map,
-            frame_size: cfg.frame_size,
-            rx_frames: rx_blocks * per_block,
-            tx_frames: tx_blocks * per_block,
-            rx_next: 0,
-            tx_next: 0,
-            tx_pending: 0,
-            ifindex,
+            frames,
+            next: 0,
         })
-    }
-
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
-    /// Largest frame a TX slot holds.
-    pub fn max_tx_frame(&self) -> usize {
-        self.frame_size - HDR_LEN
-    }
-
-    fn slot(&self, ring_off: usize, idx: usize) -> *mut u8 {
-        // SAFETY (for callers): idx < frames of that ring, so the slot lies in the mapping.
-        unsafe { self.map.ptr.as_ptr().add(ring_off + idx * self.frame_size) }
-    }
-
-    fn status(slot: *mut u8) -> &'static AtomicU32 {
-        // SAFETY: the status word is 4-aligned at the slot start (slots are
-        // frame_size-aligned within a page-aligned mapping) and shared with
-        // the kernel, hence atomic access.
-        unsafe { &*(slot.add(field::STATUS) as *const AtomicU32) }
-    }
-
-    fn read_u32(slot: *mut u8, off: usize) -> u32 {
-        // SAFETY: off is a field offset within the 32-byte header.
-        unsafe { std::ptr::read_volatile(slot.add(off) as *const u32) }
-    }
-
-    fn read_u16(slot: *mut u8, off: usize) -> u16 {
-        // SAFETY: as above.
-        unsafe { std::ptr::read_volatile(slot.add(off) as *const u16) }
     }
 }
 
-impl FrameIo for PacketRing {
+impl FrameRx for RxRing {
     fn recv_batch(&mut self, budget: usize, f: &mut dyn FnMut(&mut [u8], RxMeta)) -> usize {
         let mut n = 0;
         while n < budget {
-            let slot = self.slot(0, self.rx_next);
-            let st = Self::status(slot);
-            let status = st.load(Ordering::Acquire);
-            if status & TP_STATUS_USER == 0 {
+            let slot = self.map.slot(self.next);
+            let st = status(slot);
+            let stat = st.load(Ordering::Acquire);
+            if stat & TP_STATUS_USER == 0 {
                 break;
             }
-            let len = Self::read_u32(slot, field::LEN) as usize;
-            let snap = Self::read_u32(slot, field::SNAPLEN) as usize;
-            let mac = Self::read_u16(slot, field::MAC) as usize;
+            let len = read_u32(slot, field::LEN) as usize;
+            let mac = (read_u16(slot, field::MAC) as usize).min(FRAME_SIZE);
+            let snap = (read_u32(slot, field::SNAPLEN) as usize).min(FRAME_SIZE - mac);
             // SAFETY: offset within the slot's sockaddr_ll.
             let pkttype = unsafe { *slot.add(SLL_PKTTYPE_OFF) };
-            let snap = snap.min(self.frame_size.saturating_sub(mac));
             // SAFETY: [mac, mac+snap) lies within this slot (clamped above),
             // which the kernel handed to us (TP_STATUS_USER) until we return it.
             let frame = unsafe { std::slice::from_raw_parts_mut(slot.add(mac), snap) };
             let meta = RxMeta {
                 len,
-                csum_not_ready: status & TP_STATUS_CSUMNOTREADY != 0,
-                vlan_tagged: status & TP_STATUS_VLAN_VALID != 0,
+                csum_not_ready: stat & TP_STATUS_CSUMNOTREADY != 0,
+                vlan_tagged: stat & TP_STATUS_VLAN_VALID != 0,
                 pkttype,
             };
             f(frame, meta);
             st.store(TP_STATUS_KERNEL, Ordering::Release);
-            self.rx_next = (self.rx_next + 1) % self.rx_frames;
+            self.next = (self.next + 1) % self.frames;
             n += 1;
         }
         n
     }
 
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// The transmit ring of one interface (TPACKET_V2, send-only socket).
+pub struct TxRing {
+    fd: OwnedFd,
+    map: Mapping,
+    frames: usize,
+    next: usize,
+    pending: usize,
+}
+
+// SAFETY: as for RxRing.
+unsafe impl Send for TxRing {}
+
+impl TxRing {
+    pub fn open(ifname: &str, frames: usize) -> io::Result<TxRing> {
+        let (fd, map, frames) = open_ring(ifname, 0, libc::PACKET_TX_RING, frames)?;
+        Ok(TxRing {
+            fd,
+            map,
+            frames,
+            next: 0,
+            pending: 0,
+        })
+    }
+
+    /// Largest frame a slot holds.
+    pub const MAX_FRAME: usize = FRAME_SIZE - HDR_LEN;
+}
+
+impl FrameTx for TxRing {
     fn send(&mut self, frame: &[u8]) -> bool {
-        if frame.len() > self.max_tx_frame() {
+        if frame.len() > Self::MAX_FRAME {
             return false;
         }
-        let tx_off = self.rx_frames * self.frame_size;
-        let slot = self.slot(tx_off, self.tx_next);
-        let st = Self::status(slot);
-        let status = st.load(Ordering::Acquire);
-        if status == TP_STATUS_WRONG_FORMAT {
-            // The kernel refused this slot's frame earlier; reclaim it.
-            st.store(TP_STATUS_AVAILABLE, Ordering::Release);
-        } else if status & (TP_STATUS_SEND_REQUEST | TP_STATUS_SENDING) != 0 {
+        let slot = self.map.slot(self.next);
+        let st = status(slot);
+        let stat = st.load(Ordering::Acquire);
+        if stat & (TP_STATUS_SEND_REQUEST | TP_STATUS_SENDING) != 0 {
+            // The kernel has not sent this slot yet: kick it and report full.
+            let _ = self.flush();
             return false;
         }
-        // SAFETY: the slot is AVAILABLE (ours) and frame fits after the header.
+        // AVAILABLE, or WRONG_FORMAT (a frame the kernel refused earlier,
+        // reclaimed by overwriting it).
+        let _ = TP_STATUS_WRONG_FORMAT;
+        // SAFETY: the slot is ours and the frame fits after the header.
         unsafe {
             std::ptr::copy_nonoverlapping(frame.as_ptr(), slot.add(HDR_LEN), frame.len());
             std::ptr::write_volatile(slot.add(field::LEN) as *mut u32, frame.len() as u32);
         }
         fence(Ordering::Release);
         st.store(TP_STATUS_SEND_REQUEST, Ordering::Release);
-        self.tx_next = (self.tx_next + 1) % self.tx_frames;
-        self.tx_pending += 1;
+        self.next = (self.next + 1) % self.frames;
+        self.pending += 1;
         true
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.tx_pending == 0 {
+        if self.pending == 0 {
             return Ok(());
         }
-        self.tx_pending = 0;
+        self.pending = 0;
         // SAFETY: send(2) with no buffer kicks the TX ring.
         let r = unsafe { libc::send(self.fd.as_raw_fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT) };
         if r < 0 {
@@ -316,9 +393,5 @@ impl FrameIo for PacketRing {
             }
         }
         Ok(())
-    }
-
-    fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
     }
 }

@@ -32,10 +32,14 @@ impl Tun {
     /// Creates (or attaches to) TUN device `name`, without packet info
     /// headers, non-blocking.
     pub fn open(name: &str) -> io::Result<Tun> {
-        let c = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+        let c = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
         let bytes = c.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad interface name {name:?}"),
+            ));
         }
         let file = OpenOptions::new()
             .read(true)
@@ -43,7 +47,11 @@ impl Tun {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(|e| io::Error::new(e.kind(), format!("open /dev/net/tun: {e}")))?;
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TUN | IFF_NO_PI,
+            _pad: [0; 22],
+        };
         req.name[..bytes.len()].copy_from_slice(bytes);
         // SAFETY: TUNSETIFF takes a struct ifreq, which IfReq mirrors.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
@@ -51,7 +59,10 @@ impl Tun {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")));
         }
-        Ok(Tun { file, name: name.to_string() })
+        Ok(Tun {
+            file,
+            name: name.to_string(),
+        })
     }
 
     pub fn name(&self) -> &str {
