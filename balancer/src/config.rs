@@ -393,8 +393,7 @@ impl RawConfig {
             Ok(tree) => tree,
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                let key = key_at(&DeTable::parse_recoverable(text).0, span.start)
-                    .unwrap_or_else(|| "(document)".to_owned());
+                let key = syntax_error_key(text, span.start);
                 return Err(ctx.err(&span, key, Kind::Syntax, first_line(e.message())));
             }
         };
@@ -423,6 +422,33 @@ impl RawConfig {
     }
 }
 
+/// The key of a syntax error: the key on the error's line in what the
+/// parser could recover, else the table header on that line, else
+/// `(document)`.
+fn syntax_error_key(text: &str, offset: usize) -> String {
+    let (line, _) = line_column(text, offset);
+    let recovered = DeTable::parse_recoverable(text).0;
+    if let Some(key) = key_at(&recovered, offset) {
+        // Recovery can attach the offset to an unrelated element: only
+        // trust a key on the same line.
+        if text.lines().nth(line - 1).is_some_and(|l| {
+            let leaf = key.rsplit('.').next().unwrap_or(&key);
+            let leaf = leaf.split('[').next().unwrap_or(leaf);
+            l.contains(leaf)
+        }) {
+            return key;
+        }
+    }
+    let header = text.lines().nth(line - 1).map(str::trim).unwrap_or("");
+    if header.starts_with('[') {
+        let name = header.trim_matches(|c| c == '[' || c == ']' || c == ' ');
+        if !name.is_empty() {
+            return name.to_owned();
+        }
+    }
+    "(document)".to_owned()
+}
+
 fn first_line(message: &str) -> String {
     message.trim().lines().next().unwrap_or("").to_owned()
 }
@@ -435,7 +461,9 @@ fn classify_serde_error(message: &str) -> (Kind, Option<String>) {
         (Kind::UnknownKey, None)
     } else if message.starts_with("missing field") {
         (Kind::MissingKey, quoted(message))
-    } else if message.starts_with("invalid value") && message.contains("expected i64") {
+    } else if message.contains("as i128")
+        || (message.starts_with("invalid value") && message.contains("expected i64"))
+    {
         (Kind::OutOfRange, None)
     } else {
         (Kind::WrongType, None)
@@ -963,4 +991,758 @@ fn validate_service(
         scheduler,
         backends,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines 1-5 of most test configs.
+    macro_rules! node {
+        () => {
+            "[node]\nname = \"lb1\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"198.19.0.1/24\"\n"
+        };
+    }
+
+    /// Asserts that `text` is refused with `test.toml:LINE:COLUMN: KEY: ...`
+    /// and `kind`; returns the message for further checks.
+    #[track_caller]
+    fn refused(text: &str, line: usize, column: usize, key: &str, kind: Kind) -> String {
+        let err = match Config::parse(text, "test.toml") {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(Error::Config(e)) => e,
+            Err(e) => panic!("not a config error: {e}"),
+        };
+        let shown = err.to_string();
+        let prefix = format!("test.toml:{line}:{column}: {key}: ");
+        assert!(
+            shown.starts_with(&prefix),
+            "expected `{prefix}...`, got `{shown}`"
+        );
+        assert_eq!(err.kind, kind, "{shown}");
+        shown
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let text = concat!(
+            node!(),
+            "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+            "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            "[[service.backend]]\nforward = \"local\"\n",
+        );
+        let c = Config::parse(text, "test.toml").expect("valid");
+        assert_eq!(c.node.local_tun, "lbtun0");
+        assert_eq!(
+            c.node.control_socket,
+            PathBuf::from("/run/balancer/balancer.sock")
+        );
+        assert_eq!(c.node.flow_hash_seed, DEFAULT_FLOW_HASH_SEED);
+        assert_eq!(c.node.back_gateway.to_string(), "198.19.0.1/24");
+        assert_eq!(c.conntrack, Conntrack::default());
+        let s = &c.services[0];
+        assert_eq!((s.protocol, s.scheduler), (Protocol::Tcp, Scheduler::Wrr));
+        assert_eq!(s.backends[0].name, "198.19.0.21:80");
+        assert_eq!((s.backends[0].port, s.backends[0].weight), (80, 1));
+        assert_eq!(s.backends[1].name, "local");
+        assert_eq!(s.backends[1].address, None);
+        assert!(c.has_local());
+        assert_eq!(
+            c.service_index("198.18.0.100".parse().expect("ip"), 80, Protocol::Tcp),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn full_config_sets_every_key() {
+        let text = concat!(
+            "[node]\nname = \"lb-2\"\nfront = \"eth0\"\nback = \"eth1\"\nback_gateway = \"10.1.0.1/16\"\n",
+            "local_tun = \"tun7\"\ncontrol_socket = \"/tmp/x.sock\"\n",
+            "flow_hash_seed = \"00112233445566778899aabbccddeeff\"\n",
+            "[conntrack]\nmax_entries = 1000\ntcp_syn_recv = \"1s\"\ntcp_established = \"2m\"\n",
+            "tcp_fin_wait = \"3s\"\ntcp_close_wait = \"4s\"\ntcp_last_ack = \"5s\"\ntcp_time_wait = \"6s\"\n",
+            "tcp_close = \"7s\"\nudp = \"8s\"\nexpire_interval = \"250ms\"\n",
+            "[[service]]\nname = \"dns\"\nvip = \"192.0.2.1\"\nport = 53\nprotocol = \"udp\"\nscheduler = \"rr\"\n",
+            "[[service.backend]]\nname = \"a\"\naddress = \"10.1.2.3\"\nport = 5353\nweight = 0\nforward = \"nat\"\n",
+            "[[service.backend]]\nname = \"b\"\naddress = \"10.1.2.4\"\nport = 53\nweight = 65535\nforward = \"dr\"\n",
+        );
+        let c = Config::parse(text, "test.toml").expect("valid");
+        assert_eq!(c.node.flow_hash_seed[0..3], [0x00, 0x11, 0x22]);
+        assert_eq!(c.node.flow_hash_seed[15], 0xff);
+        assert_eq!(c.conntrack.max_entries, 1000);
+        assert_eq!(c.conntrack.tcp_established, Duration::from_secs(120));
+        assert_eq!(c.conntrack.expire_interval, Duration::from_millis(250));
+        let s = &c.services[0];
+        assert_eq!((s.protocol, s.scheduler), (Protocol::Udp, Scheduler::Rr));
+        assert_eq!((s.backends[0].port, s.backends[0].weight), (5353, 0));
+        assert_eq!(
+            (s.backends[1].forward, s.backends[1].weight),
+            (Forward::Dr, 65535)
+        );
+    }
+
+    #[test]
+    fn enums_round_trip_through_their_names() {
+        for s in Scheduler::ALL {
+            assert_eq!(s.as_str().parse::<Scheduler>(), Ok(s));
+        }
+        for f in Forward::ALL {
+            assert_eq!(f.as_str().parse::<Forward>(), Ok(f));
+        }
+        for p in Protocol::ALL {
+            assert_eq!(p.as_str().parse::<Protocol>(), Ok(p));
+        }
+        assert!("lc".parse::<Scheduler>().is_err());
+    }
+
+    #[test]
+    fn error_column_counts_characters_not_bytes() {
+        assert_eq!(line_column("a\nü = x", 5), (2, 3));
+    }
+
+    // --- syntax and schema ------------------------------------------------
+
+    #[test]
+    fn rejects_invalid_toml() {
+        refused(
+            concat!(node!(), "[[service]\n"),
+            6,
+            11,
+            "service",
+            Kind::Syntax,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_key_in_backend() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\nwieght = 2\n",
+            ),
+            13,
+            1,
+            "service[0].backend[0].wieght",
+            Kind::UnknownKey,
+        );
+        assert!(m.contains("unknown field `wieght`"), "{m}");
+    }
+
+    #[test]
+    fn rejects_unknown_key_in_node() {
+        refused(
+            concat!(node!(), "vip = \"1.2.3.4\"\n"),
+            6,
+            1,
+            "node.vip",
+            Kind::UnknownKey,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_top_level_table() {
+        refused(
+            concat!(node!(), "[health]\n"),
+            6,
+            2,
+            "health",
+            Kind::UnknownKey,
+        );
+    }
+
+    #[test]
+    fn rejects_missing_back_gateway() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"front0\"\nback = \"back0\"\n",
+            1,
+            1,
+            "node.back_gateway",
+            Kind::MissingKey,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_without_forward() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\n",
+            ),
+            10,
+            1,
+            "service[0].backend[0].forward",
+            Kind::MissingKey,
+        );
+    }
+
+    #[test]
+    fn rejects_port_given_as_string() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = \"80\"\n"
+            ),
+            9,
+            8,
+            "service[0].port",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_scheduler() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\nscheduler = \"lc\"\n",
+            ),
+            10,
+            13,
+            "service[0].scheduler",
+            Kind::WrongType,
+        );
+        assert!(m.contains("`rr`"), "{m}");
+    }
+
+    #[test]
+    fn rejects_unknown_forward_method() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"tun\"\n",
+            ),
+            12,
+            11,
+            "service[0].backend[0].forward",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_duration() {
+        refused(
+            concat!(node!(), "[conntrack]\nudp = \"5 parsecs\"\n"),
+            7,
+            7,
+            "conntrack.udp",
+            Kind::WrongType,
+        );
+    }
+
+    // --- node ---------------------------------------------------------------
+
+    #[test]
+    fn rejects_node_name_unfit_for_the_nft_table_name() {
+        refused(
+            "[node]\nname = \"lb 1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            2,
+            8,
+            "node.name",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_interface_name_longer_than_15_bytes() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"front0123456789ab\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            3,
+            9,
+            "node.front",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_interface_name_with_slash() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b/0\"\nback_gateway = \"198.19.0.1/24\"\n",
+            4,
+            8,
+            "node.back",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_interface_name_with_whitespace() {
+        refused(
+            concat!(node!(), "local_tun = \"lb tun\"\n"),
+            6,
+            13,
+            "node.local_tun",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_empty_interface_name() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            3,
+            9,
+            "node.front",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_front_equal_to_back() {
+        let m = refused(
+            "[node]\nname = \"lb1\"\nfront = \"eth0\"\nback = \"eth0\"\nback_gateway = \"198.19.0.1/24\"\n",
+            4,
+            8,
+            "node.back",
+            Kind::SameInterface,
+        );
+        assert!(m.contains("node.front"), "{m}");
+    }
+
+    #[test]
+    fn rejects_tun_equal_to_front() {
+        refused(
+            concat!(node!(), "local_tun = \"front0\"\n"),
+            6,
+            13,
+            "node.local_tun",
+            Kind::SameInterface,
+        );
+    }
+
+    #[test]
+    fn rejects_back_gateway_without_prefix() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1\"\n",
+            5,
+            16,
+            "node.back_gateway",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_back_gateway_that_is_the_network_address() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.0/24\"\n",
+            5,
+            16,
+            "node.back_gateway",
+            Kind::BadGateway,
+        );
+    }
+
+    #[test]
+    fn rejects_back_gateway_with_a_host_prefix() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1/32\"\n",
+            5,
+            16,
+            "node.back_gateway",
+            Kind::BadGateway,
+        );
+    }
+
+    #[test]
+    fn rejects_flow_hash_seed_of_wrong_length() {
+        refused(
+            concat!(node!(), "flow_hash_seed = \"0011\"\n"),
+            6,
+            18,
+            "node.flow_hash_seed",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_flow_hash_seed_with_non_hex_digits() {
+        refused(
+            concat!(
+                node!(),
+                "flow_hash_seed = \"00112233445566778899aabbccddeefg\"\n"
+            ),
+            6,
+            18,
+            "node.flow_hash_seed",
+            Kind::BadValue,
+        );
+    }
+
+    // --- conntrack -------------------------------------------------------------
+
+    #[test]
+    fn rejects_zero_timeout() {
+        refused(
+            concat!(node!(), "[conntrack]\ntcp_established = \"0s\"\n"),
+            7,
+            19,
+            "conntrack.tcp_established",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_expire_interval() {
+        refused(
+            concat!(node!(), "[conntrack]\nexpire_interval = \"0ms\"\n"),
+            7,
+            19,
+            "conntrack.expire_interval",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_max_entries() {
+        refused(
+            concat!(node!(), "[conntrack]\nmax_entries = 0\n"),
+            7,
+            15,
+            "conntrack.max_entries",
+            Kind::OutOfRange,
+        );
+    }
+
+    // --- services -------------------------------------------------------------
+
+    #[test]
+    fn rejects_config_without_service() {
+        refused(node!(), 6, 1, "service", Kind::NoService);
+    }
+
+    #[test]
+    fn rejects_service_without_backend() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n"
+            ),
+            6,
+            1,
+            "service[0].backend",
+            Kind::NoBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_service() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+                "[[service]]\nname = \"web2\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.22\"\nforward = \"nat\"\n",
+            ),
+            13,
+            1,
+            "service[1]",
+            Kind::DuplicateService,
+        );
+        assert!(m.contains("service[0]"), "{m}");
+    }
+
+    #[test]
+    fn accepts_same_vip_and_port_for_tcp_and_udp() {
+        let text = concat!(
+            node!(),
+            "[[service]]\nname = \"dns-tcp\"\nvip = \"198.18.0.100\"\nport = 53\n",
+            "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            "[[service]]\nname = \"dns-udp\"\nvip = \"198.18.0.100\"\nport = 53\nprotocol = \"udp\"\n",
+            "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+        );
+        assert_eq!(Config::parse(text, "t").expect("valid").services.len(), 2);
+    }
+
+    #[test]
+    fn rejects_duplicate_service_name() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 443\n",
+                "[[service.backend]]\naddress = \"198.19.0.22\"\nforward = \"nat\"\n",
+            ),
+            14,
+            8,
+            "service[1].name",
+            Kind::DuplicateName,
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_vip() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.300\"\nport = 80\n"
+            ),
+            8,
+            7,
+            "service[0].vip",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_vip_inside_the_back_subnet() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.19.0.100\"\nport = 80\n"
+            ),
+            8,
+            7,
+            "service[0].vip",
+            Kind::VipInBackSubnet,
+        );
+        assert!(m.contains("198.19.0.0/24"), "{m}");
+    }
+
+    #[test]
+    fn rejects_service_port_zero() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 0\n"
+            ),
+            9,
+            8,
+            "service[0].port",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_service_port_above_65535() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 65536\n"
+            ),
+            9,
+            8,
+            "service[0].port",
+            Kind::OutOfRange,
+        );
+    }
+
+    // --- backends -------------------------------------------------------------
+
+    /// A service at lines 6-9 followed by `backends` from line 10 on.
+    fn with_backends(backends: &str) -> String {
+        format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n{backends}",
+            node!()
+        )
+    }
+
+    #[test]
+    fn rejects_weight_above_65535() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nweight = 65536\nforward = \"nat\"\n",
+            ),
+            12,
+            10,
+            "service[0].backend[0].weight",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_negative_weight() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nweight = -1\nforward = \"nat\"\n",
+            ),
+            12,
+            10,
+            "service[0].backend[0].weight",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_port_zero() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 0\nforward = \"nat\"\n",
+            ),
+            12,
+            8,
+            "service[0].backend[0].port",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_dr_backend_with_another_port() {
+        let m = refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"dr\"\n",
+            ),
+            12,
+            8,
+            "service[0].backend[0].port",
+            Kind::PortMismatch,
+        );
+        assert!(m.contains("80"), "{m}");
+    }
+
+    #[test]
+    fn rejects_local_backend_with_another_port() {
+        refused(
+            &with_backends("[[service.backend]]\nport = 8080\nforward = \"local\"\n"),
+            11,
+            8,
+            "service[0].backend[0].port",
+            Kind::PortMismatch,
+        );
+    }
+
+    #[test]
+    fn accepts_nat_backend_with_another_port() {
+        let c = Config::parse(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"nat\"\n",
+            ),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.services[0].backends[0].port, 8080);
+    }
+
+    #[test]
+    fn rejects_local_backend_with_address() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"local\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::LocalWithAddress,
+        );
+    }
+
+    #[test]
+    fn rejects_second_local_backend() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\nforward = \"local\"\n[[service.backend]]\nname = \"again\"\nforward = \"local\"\n",
+            ),
+            14,
+            11,
+            "service[0].backend[1].forward",
+            Kind::SecondLocalBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_nat_backend_without_address() {
+        refused(
+            &with_backends("[[service.backend]]\nforward = \"nat\"\n"),
+            10,
+            1,
+            "service[0].backend[0].address",
+            Kind::MissingAddress,
+        );
+    }
+
+    #[test]
+    fn rejects_dr_backend_without_address() {
+        refused(
+            &with_backends("[[service.backend]]\nweight = 2\nforward = \"dr\"\n"),
+            10,
+            1,
+            "service[0].backend[0].address",
+            Kind::MissingAddress,
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_backend_address() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"rs1.example\"\nforward = \"nat\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_outside_the_back_subnet() {
+        let m = refused(
+            &with_backends("[[service.backend]]\naddress = \"198.20.0.21\"\nforward = \"dr\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BackendOffLink,
+        );
+        assert!(m.contains("on-link"), "{m}");
+    }
+
+    #[test]
+    fn rejects_backend_at_the_subnet_broadcast_address() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"198.19.0.255\"\nforward = \"nat\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BackendOffLink,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_equal_to_the_gateway() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"198.19.0.1\"\nforward = \"nat\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BackendIsGateway,
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_backend() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n\
+                 [[service.backend]]\nname = \"other\"\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            ),
+            15,
+            11,
+            "service[0].backend[1].address",
+            Kind::DuplicateBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_backend_name() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\nname = \"rs\"\naddress = \"198.19.0.21\"\nforward = \"nat\"\n\
+                 [[service.backend]]\nname = \"rs\"\naddress = \"198.19.0.22\"\nforward = \"nat\"\n",
+            ),
+            15,
+            8,
+            "service[0].backend[1].name",
+            Kind::DuplicateName,
+        );
+    }
+
+    #[test]
+    fn rejects_empty_backend_name() {
+        refused(
+            &with_backends("[[service.backend]]\nname = \"\"\nforward = \"local\"\n"),
+            11,
+            8,
+            "service[0].backend[0].name",
+            Kind::BadValue,
+        );
+    }
 }
