@@ -1,6 +1,7 @@
 //! The balancer node.
 
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod stats;
 
