@@ -1,0 +1,601 @@
+//! What happens to each frame: the packet walk of DESIGN §3 for one node.
+//!
+//! The engine is I/O-free: the driver hands it received frames with their
+//! metadata and the current time, and it writes what must be sent through an
+//! [`Output`]. That keeps it testable with literal frames and times, and
+//! keeps the forwarding path free of allocation, locks and syscalls of its
+//! own (counters are relaxed atomics).
+//!
+//! Front NIC (clients):
+//! - ARP requests for a VIP are answered with the node's answer MAC (the
+//!   kernel is kept off them by the ingress filter); other ARP is the
+//!   kernel's.
+//! - IPv4 to a VIP: fragments are dropped (no reassembly: later fragments
+//!   carry no ports); TCP/UDP to a service port go through the connection
+//!   table, new flows (a bare SYN, or any UDP datagram) are scheduled; an
+//!   ICMP error about a flow follows that flow; other ICMP (echo) goes to
+//!   the node's own stack, which answers for the VIP; anything else is
+//!   dropped. IPv4 not to a VIP is the kernel's.
+//! - Frames with a partial checksum (veth offload) are completed before
+//!   they are rewritten or handed on: the receiver of our copy has no
+//!   offload metadata and would drop it.
+//!
+//! Back NIC (real servers):
+//! - ARP teaches the neighbour table (backends' MACs).
+//! - TCP/UDP matching a NAT connection's reply key is rewritten back to
+//!   VIP:vport and sent to the client's next hop on the front; ICMP errors
+//!   about a NAT flow likewise. Traffic to the node's own back addresses
+//!   (health checks, the kernel's) is left to the kernel; anything else is
+//!   dropped and counted.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use foldhash::fast::RandomState;
+use rewrite::arp::{ArpOp, ArpRepr};
+use rewrite::ethernet::MacAddr;
+use rewrite::flow::{FlowHasher, FlowKey, proto};
+use rewrite::nat::{self, RewriteError};
+use rewrite::packet::{self, Kind, L4, ParseError, Parsed};
+
+use crate::config::{Config, Forward};
+use crate::conntrack::{ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, Timeouts};
+use crate::dataplane::neigh::Neighbors;
+use crate::dataplane::ring::RxMeta;
+use crate::sched::{BackendView, Scheduler, SchedulerKind};
+use crate::stats::{ConnGauge, DropReason, Nic, Stats};
+
+/// Where the engine sends frames. Each returns false when the frame could
+/// not be queued (the engine counts `tx_full`).
+pub trait Output {
+    /// An Ethernet frame out of the front NIC.
+    fn to_front(&mut self, frame: &[u8]) -> bool;
+    /// An Ethernet frame out of the back NIC.
+    fn to_back(&mut self, frame: &[u8]) -> bool;
+    /// An IPv4 packet into the node's own stack (the TUN device).
+    fn to_local(&mut self, packet: &[u8]) -> bool;
+}
+
+/// The node's own link-layer facts the engine needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interfaces {
+    pub front_mac: MacAddr,
+    pub back_mac: MacAddr,
+    /// Sender address of our ARP requests on the back segment.
+    pub back_addr: Ipv4Addr,
+    /// The MAC that ARP replies for the VIPs give (the front MAC on a single
+    /// node; the cluster MAC in a cluster).
+    pub answer_mac: MacAddr,
+}
+
+#[derive(Debug)]
+struct BackendRt {
+    addr: Ipv4Addr,
+    port: u16,
+    method: Method,
+}
+
+#[derive(Debug)]
+struct ServiceRt {
+    sched: Box<dyn Scheduler>,
+    backends: Vec<BackendRt>,
+    views: Vec<BackendView>,
+}
+
+/// Gratuitous ARPs sent for each VIP at start, one a second.
+const GARP_COUNT: u32 = 3;
+/// Expired entries removed per housekeeping call at most, so that expiry
+/// never stalls forwarding.
+const EXPIRE_BUDGET: usize = 20_000;
+
+/// The per-node forwarding state. Owned by the dataplane thread.
+pub struct Engine {
+    ifs: Interfaces,
+    services: Vec<ServiceRt>,
+    by_addr: HashMap<(Ipv4Addr, u16, u8), u16, RandomState>,
+    vips: Vec<Ipv4Addr>,
+    /// The node's own back addresses: traffic to them is the kernel's.
+    back_local: Vec<Ipv4Addr>,
+    conns: ConnTable,
+    neigh: Neighbors,
+    stats: Arc<Stats>,
+    hasher: FlowHasher,
+    due: Vec<Ipv4Addr>,
+    garps_sent: u32,
+    next_garp_ms: u64,
+    scratch: [u8; 64],
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("ifs", &self.ifs).field("conns", &self.conns).finish_non_exhaustive()
+    }
+}
+
+fn method_of(f: Forward) -> Method {
+    match f {
+        Forward::Nat => Method::Nat,
+        Forward::Dr => Method::Dr,
+        Forward::Local => Method::Local,
+    }
+}
+
+fn gauge(e: &Entry) -> ConnGauge {
+    if e.state.is_active() { ConnGauge::Active } else { ConnGauge::Inactive }
+}
+
+/// The drop counter for a frame the parser refused.
+pub fn drop_reason(e: ParseError) -> DropReason {
+    match e {
+        ParseError::Truncated => DropReason::Runt,
+        ParseError::UnsupportedEthertype | ParseError::ArpUnsupported => DropReason::NotIpv4,
+        ParseError::ArpTruncated => DropReason::Runt,
+        ParseError::Ipv4Truncated | ParseError::BadVersion | ParseError::BadHeaderLength => DropReason::BadIpHeader,
+        ParseError::BadTotalLength => DropReason::BadTotalLength,
+        ParseError::BadIpChecksum => DropReason::BadIpChecksum,
+        ParseError::TcpTruncated
+        | ParseError::BadTcpDataOffset
+        | ParseError::UdpTruncated
+        | ParseError::BadUdpLength
+        | ParseError::IcmpTruncated => DropReason::BadL4Header,
+        ParseError::IcmpErrorTruncated | ParseError::IcmpErrorMalformed => DropReason::BadIcmpError,
+    }
+}
+
+fn rewrite_drop(e: RewriteError) -> DropReason {
+    match e {
+        RewriteError::BadIcmpChecksum | RewriteError::NotIcmpError => DropReason::BadIcmpError,
+        RewriteError::Fragment => DropReason::Fragment,
+        _ => DropReason::BadL4Header,
+    }
+}
+
+impl Engine {
+    /// Builds the engine for `config`. `back_local` are the node's own
+    /// addresses on the back NIC.
+    pub fn new(config: &Config, ifs: Interfaces, back_local: Vec<Ipv4Addr>, stats: Arc<Stats>) -> Result<Engine, ConntrackError> {
+        let c = &config.conntrack;
+        let timeouts = Timeouts {
+            syn_recv: c.tcp_syn_recv,
+            established: c.tcp_established,
+            fin_wait: c.tcp_fin_wait,
+            close_wait: c.tcp_close_wait,
+            last_ack: c.tcp_last_ack,
+            time_wait: c.tcp_time_wait,
+            close: c.tcp_close,
+            udp: c.udp,
+        };
+        let conns = ConnTable::new(c.max_entries, timeouts)?;
+        let mut by_addr = HashMap::with_hasher(RandomState::default());
+        let mut vips = Vec::new();
+        let mut services = Vec::new();
+        let mut wanted = Vec::new();
+        for (i, s) in config.services.iter().enumerate() {
+            by_addr.insert((s.vip, s.port, s.protocol.number()), i as u16);
+            if !vips.contains(&s.vip) {
+                vips.push(s.vip);
+            }
+            let backends: Vec<BackendRt> = s
+                .backends
+                .iter()
+                .map(|b| BackendRt {
+                    addr: b.address.unwrap_or(s.vip),
+                    port: if b.forward == Forward::Nat { b.port } else { s.port },
+                    method: method_of(b.forward),
+                })
+                .collect();
+            wanted.extend(backends.iter().filter(|b| b.method != Method::Local).map(|b| b.addr));
+            let views =
+                s.backends.iter().map(|b| BackendView { weight: u32::from(b.weight), active_conns: 0, available: true }).collect();
+            services.push(ServiceRt { sched: SchedulerKind::from(s.scheduler).build(), backends, views });
+        }
+        Ok(Engine {
+            ifs,
+            services,
+            by_addr,
+            vips,
+            back_local,
+            conns,
+            neigh: Neighbors::new(wanted),
+            stats,
+            hasher: FlowHasher::new(config.node.flow_hash_seed),
+            due: Vec::new(),
+            garps_sent: 0,
+            next_garp_ms: 0,
+            scratch: [0; 64],
+        })
+    }
+
+    pub fn connections(&self) -> &ConnTable {
+        &self.conns
+    }
+
+    fn is_vip(&self, ip: Ipv4Addr) -> bool {
+        self.vips.contains(&ip)
+    }
+
+    fn drop(&self, r: DropReason) {
+        self.stats.record_drop(r);
+    }
+
+    fn send_front(&self, out: &mut dyn Output, frame: &[u8]) {
+        if out.to_front(frame) {
+            self.stats.nic(Nic::Front).tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.drop(DropReason::TxFull);
+        }
+    }
+
+    fn send_back(&self, out: &mut dyn Output, frame: &[u8]) {
+        if out.to_back(frame) {
+            self.stats.nic(Nic::Back).tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.drop(DropReason::TxFull);
+        }
+    }
+
+    fn send_local(&self, out: &mut dyn Output, packet: &[u8]) {
+        if out.to_local(packet) {
+            self.stats.nic(Nic::Tun).tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.drop(DropReason::TxFull);
+        }
+    }
+
+    /// Common checks of a received frame: truncation by the ring, VLAN tags,
+    /// the parser. `None` means dropped and counted.
+    fn accept(&self, nic: Nic, frame: &[u8], meta: RxMeta) -> Option<Parsed> {
+        self.stats.nic(nic).rx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if meta.len > frame.len() {
+            self.drop(DropReason::Truncated);
+            return None;
+        }
+        if meta.vlan_tagged {
+            self.drop(DropReason::VlanTagged);
+            return None;
+        }
+        match packet::parse(frame) {
+            Ok(p) if p.vlan.is_some() => {
+                self.drop(DropReason::VlanTagged);
+                None
+            }
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.drop(drop_reason(e));
+                None
+            }
+        }
+    }
+
+    /// A frame received on the front NIC.
+    pub fn on_front(&mut self, frame: &mut [u8], meta: RxMeta, now_ms: u64, out: &mut dyn Output) {
+        let Some(p) = self.accept(Nic::Front, frame, meta) else { return };
+        match p.kind {
+            Kind::Arp(a) => self.front_arp(&a, out),
+            Kind::Ipv4 { dst, fragment, l4, .. } => {
+                if !self.is_vip(dst) {
+                    return; // the kernel's (the node's own front address)
+                }
+                if fragment {
+                    self.drop(DropReason::Fragment);
+                    return;
+                }
+                match l4 {
+                    L4::Tcp { .. } | L4::Udp { .. } => self.client_packet(frame, &p, meta, now_ms, out),
+                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
+                    L4::IcmpOther { .. } => {
+                        // Echo and friends: the node's own stack answers for the VIP.
+                        if let Some(ip) = ip_packet(frame, &p) {
+                            self.send_local(out, ip);
+                        }
+                    }
+                    L4::Other => self.drop(DropReason::OtherProto),
+                }
+            }
+        }
+    }
+
+    fn front_arp(&self, a: &ArpRepr, out: &mut dyn Output) {
+        if a.op != ArpOp::Request || !self.is_vip(a.target_ip) {
+            return;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(n) = rewrite::arp::write_reply(&mut buf, a, self.ifs.answer_mac, self.ifs.front_mac) {
+            self.send_front(out, &buf[..n]);
+            self.stats.arp_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn client_packet(&mut self, frame: &mut [u8], p: &Parsed, meta: RxMeta, now_ms: u64, out: &mut dyn Output) {
+        let Some(key) = p.flow_key() else { return };
+        let Some(&svc) = self.by_addr.get(&(key.dst, key.dst_port, key.proto)) else {
+            self.drop(DropReason::NoService);
+            return;
+        };
+        let flags = match p.kind {
+            Kind::Ipv4 { l4: L4::Tcp { flags, .. }, .. } => TcpFlags(flags.0),
+            _ => TcpFlags::NONE,
+        };
+        let id = match self.conns.lookup_client(&key, flags) {
+            ClientLookup::Existing(id) => {
+                if let Some(t) = self.conns.update(id, Dir::FromClient, flags, now_ms)
+                    && let Some(e) = self.conns.get(id)
+                {
+                    self.settle(e.service, e.backend, t.activated(), t.deactivated());
+                }
+                id
+            }
+            ClientLookup::Reused(old) => {
+                if let Some(e) = self.conns.remove(old) {
+                    self.stats.conn_gone(e.service as usize, e.backend as usize, gauge(&e));
+                    self.unview(&e);
+                }
+                match self.new_conn(svc, key, flags, p, now_ms) {
+                    Some(id) => id,
+                    None => return,
+                }
+            }
+            ClientLookup::New => match self.new_conn(svc, key, flags, p, now_ms) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        let Some(e) = self.conns.get(id).copied() else { return };
+        if meta.csum_not_ready
+            && let Err(err) = nat::complete_checksum(frame, p)
+        {
+            self.drop(rewrite_drop(err));
+            return;
+        }
+        let bytes = ip_len(p);
+        self.stats.record_in(e.service as usize, e.backend as usize, bytes);
+        match e.method {
+            Method::Local => {
+                if let Some(ip) = ip_packet(frame, p) {
+                    self.send_local(out, ip);
+                }
+            }
+            Method::Nat => {
+                if let Err(err) = nat::nat_forward(frame, p, e.backend_addr, e.backend_port) {
+                    self.drop(rewrite_drop(err));
+                    return;
+                }
+                self.to_backend(frame, p, e.backend_addr, now_ms, out);
+            }
+            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
+        }
+    }
+
+    /// Sends a (rewritten) frame to a backend on the back segment.
+    fn to_backend(&mut self, frame: &mut [u8], p: &Parsed, addr: Ipv4Addr, now_ms: u64, out: &mut dyn Output) {
+        let Some(mac) = self.neigh.lookup(addr, now_ms) else {
+            self.drop(DropReason::NoNeighbor);
+            return;
+        };
+        if nat::set_macs(frame, self.ifs.back_mac, MacAddr(mac)).is_err() {
+            self.drop(DropReason::Runt);
+            return;
+        }
+        let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
+        self.send_back(out, &frame[..end]);
+    }
+
+    /// Schedules a new flow and records it; `None` if dropped (counted).
+    fn new_conn(&mut self, svc: u16, key: FlowKey, flags: TcpFlags, p: &Parsed, now_ms: u64) -> Option<crate::conntrack::ConnId> {
+        if key.proto == proto::TCP {
+            let f = flags.0;
+            let syn = f & 0x02 != 0;
+            if syn && f & 0x05 != 0 {
+                // SYN with FIN or RST: never a valid opening.
+                self.drop(DropReason::BadTcpFlags);
+                return None;
+            }
+            if !syn || f & 0x10 != 0 {
+                // Not a bare SYN: a segment of a flow we do not know (or
+                // forgot). IPVS drops these too.
+                self.drop(DropReason::NoConn);
+                return None;
+            }
+        }
+        let s = &mut self.services[svc as usize];
+        let hash = self.hasher.hash(&key);
+        let Some(be) = s.sched.pick(&s.views, hash) else {
+            self.stats.record_no_backend(svc as usize);
+            self.drop(DropReason::NoBackend);
+            return None;
+        };
+        let b = &s.backends[be];
+        let nc = NewConn {
+            key,
+            service: svc,
+            backend: be as u16,
+            backend_addr: if b.method == Method::Nat { b.addr } else { b.addr },
+            backend_port: if b.method == Method::Nat { b.port } else { key.dst_port },
+            method: b.method,
+            client_mac: p.src_mac.0,
+        };
+        match self.conns.insert(nc, flags, now_ms) {
+            Ok(id) => {
+                if let Some(e) = self.conns.get(id) {
+                    self.stats.conn_new(svc as usize, be, gauge(e));
+                    if e.state.is_active() {
+                        self.services[svc as usize].views[be].active_conns += 1;
+                    }
+                }
+                Some(id)
+            }
+            Err(ConntrackError::TableFull) => {
+                self.stats.record_table_full(svc as usize);
+                self.drop(DropReason::TableFull);
+                None
+            }
+            Err(_) => {
+                self.drop(DropReason::NoConn);
+                None
+            }
+        }
+    }
+
+    fn settle(&mut self, svc: u16, be: u16, activated: bool, deactivated: bool) {
+        let view = &mut self.services[svc as usize].views[be as usize];
+        if activated {
+            view.active_conns += 1;
+            self.stats.conn_moved(svc as usize, be as usize, ConnGauge::Inactive, ConnGauge::Active);
+        } else if deactivated {
+            view.active_conns = view.active_conns.saturating_sub(1);
+            self.stats.conn_moved(svc as usize, be as usize, ConnGauge::Active, ConnGauge::Inactive);
+        }
+    }
+
+    fn unview(&mut self, e: &Entry) {
+        if e.state.is_active() {
+            let v = &mut self.services[e.service as usize].views[e.backend as usize];
+            v.active_conns = v.active_conns.saturating_sub(1);
+        }
+    }
+
+    /// An ICMP error from the client side about a packet we sent it
+    /// (VIP:vport -> client): it follows the flow to its backend.
+    fn client_icmp_error(&mut self, frame: &mut [u8], p: &Parsed, _meta: RxMeta, out: &mut dyn Output) {
+        let Some(key) = p.flow_key() else { return };
+        let Some(id) = self.conns.lookup(&key) else {
+            self.drop(DropReason::NoConn);
+            return;
+        };
+        let Some(e) = self.conns.get(id).copied() else { return };
+        match e.method {
+            Method::Local => {
+                if let Some(ip) = ip_packet(frame, p) {
+                    self.send_local(out, ip);
+                }
+            }
+            Method::Nat => {
+                if let Err(err) = nat::icmp_error_forward(frame, p, e.backend_addr, e.backend_port) {
+                    self.drop(rewrite_drop(err));
+                    return;
+                }
+                self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out);
+            }
+            Method::Dr => self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out),
+        }
+    }
+
+    /// A frame received on the back NIC.
+    pub fn on_back(&mut self, frame: &mut [u8], meta: RxMeta, now_ms: u64, out: &mut dyn Output) {
+        let Some(p) = self.accept(Nic::Back, frame, meta) else { return };
+        match p.kind {
+            Kind::Arp(a) => {
+                self.neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
+            }
+            Kind::Ipv4 { dst, fragment, l4, .. } => {
+                if self.back_local.contains(&dst) || dst.is_multicast() || dst.is_broadcast() {
+                    return; // the kernel's
+                }
+                if fragment {
+                    self.drop(DropReason::Fragment);
+                    return;
+                }
+                let Some(key) = p.flow_key() else { return };
+                let Some(id) = self.conns.lookup_reply(&key) else {
+                    self.drop(DropReason::NoConn);
+                    return;
+                };
+                match l4 {
+                    L4::Tcp { flags, .. } => {
+                        if let Some(t) = self.conns.update(id, Dir::FromBackend, TcpFlags(flags.0), now_ms)
+                            && let Some(e) = self.conns.get(id)
+                        {
+                            let (s, b) = (e.service, e.backend);
+                            self.settle(s, b, t.activated(), t.deactivated());
+                        }
+                    }
+                    L4::Udp { .. } => {
+                        self.conns.update(id, Dir::FromBackend, TcpFlags::NONE, now_ms);
+                    }
+                    _ => {}
+                }
+                let Some(e) = self.conns.get(id).copied() else { return };
+                if meta.csum_not_ready
+                    && matches!(l4, L4::Tcp { .. } | L4::Udp { .. })
+                    && let Err(err) = nat::complete_checksum(frame, &p)
+                {
+                    self.drop(rewrite_drop(err));
+                    return;
+                }
+                let r = match l4 {
+                    L4::Tcp { .. } | L4::Udp { .. } => nat::nat_reverse(frame, &p, e.key.dst, e.key.dst_port),
+                    L4::IcmpError { .. } => nat::icmp_error_reverse(frame, &p, e.key.dst, e.key.dst_port),
+                    _ => {
+                        self.drop(DropReason::OtherProto);
+                        return;
+                    }
+                };
+                if let Err(err) = r {
+                    self.drop(rewrite_drop(err));
+                    return;
+                }
+                if nat::set_macs(frame, self.ifs.front_mac, MacAddr(e.client_mac)).is_err() {
+                    self.drop(DropReason::Runt);
+                    return;
+                }
+                self.stats.record_out(e.service as usize, e.backend as usize, ip_len(&p));
+                let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
+                self.send_front(out, &frame[..end]);
+            }
+        }
+    }
+
+    /// Periodic work: connection expiry, ARP for backends, gratuitous ARP
+    /// for the VIPs at start. Call every few tens of milliseconds.
+    pub fn housekeeping(&mut self, now_ms: u64, out: &mut dyn Output) {
+        let stats = &self.stats;
+        let services = &mut self.services;
+        self.conns.expire(now_ms, EXPIRE_BUDGET, |e| {
+            stats.conn_gone(e.service as usize, e.backend as usize, gauge(e));
+            if e.state.is_active() {
+                let v = &mut services[e.service as usize].views[e.backend as usize];
+                v.active_conns = v.active_conns.saturating_sub(1);
+            }
+        });
+        let mut due = std::mem::take(&mut self.due);
+        self.neigh.due_requests(now_ms, &mut due);
+        for ip in &due {
+            let req = ArpRepr {
+                op: ArpOp::Request,
+                sender_mac: self.ifs.back_mac,
+                sender_ip: self.ifs.back_addr,
+                target_mac: MacAddr([0; 6]),
+                target_ip: *ip,
+            };
+            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req, self.ifs.back_mac) {
+                let f = self.scratch;
+                self.send_back(out, &f[..n]);
+            }
+        }
+        self.due = due;
+        if self.garps_sent < GARP_COUNT && now_ms >= self.next_garp_ms {
+            self.garps_sent += 1;
+            self.next_garp_ms = now_ms + 1000;
+            for i in 0..self.vips.len() {
+                let vip = self.vips[i];
+                if let Ok(n) = rewrite::arp::write_gratuitous(&mut self.scratch, vip, self.ifs.answer_mac, self.ifs.front_mac) {
+                    let f = self.scratch;
+                    self.send_front(out, &f[..n]);
+                }
+            }
+        }
+    }
+}
+
+/// The IPv4 datagram of a frame (no Ethernet header, no padding).
+fn ip_packet<'a>(frame: &'a [u8], p: &Parsed) -> Option<&'a [u8]> {
+    frame.get(p.l3_offset..p.l3_end()?)
+}
+
+fn ip_len(p: &Parsed) -> u64 {
+    match p.kind {
+        Kind::Ipv4 { total_len, .. } => total_len as u64,
+        Kind::Arp(_) => 0,
+    }
+}

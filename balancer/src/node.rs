@@ -1,0 +1,193 @@
+//! `balancer run`: one node. Applies the host setup it needs (and undoes
+//! exactly what it applied on exit), opens the rings and the TUN device,
+//! runs the dataplane on its own thread and the control plane (control
+//! socket, signals) on a small tokio runtime.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rewrite::ethernet::MacAddr;
+
+use crate::config::Config;
+use crate::dataplane::engine::{Engine, Interfaces, Output};
+use crate::dataplane::ring::{FrameRx, FrameTx, RxRing, TxRing};
+use crate::dataplane::tun::Tun;
+use crate::setup::Plan;
+use crate::stats::Stats;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Balancer(#[from] crate::Error),
+    #[error("connection table: {0}")]
+    Conntrack(#[from] crate::conntrack::ConntrackError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// The MAC address of a local interface.
+pub fn interface_mac(ifname: &str) -> io::Result<MacAddr> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))?;
+    s.trim().parse::<MacAddr>().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad MAC of {ifname}: {s}")))
+}
+
+/// The IPv4 addresses on a local interface.
+pub fn interface_addrs(ifname: &str) -> io::Result<Vec<Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addrs
+        .filter(|a| a.interface_name == ifname)
+        .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v| v.ip())))
+        .collect())
+}
+
+struct Sinks<'a> {
+    front: &'a mut TxRing,
+    back: &'a mut TxRing,
+    tun: Option<&'a Tun>,
+}
+
+impl Output for Sinks<'_> {
+    fn to_front(&mut self, frame: &[u8]) -> bool {
+        self.front.send(frame)
+    }
+    fn to_back(&mut self, frame: &[u8]) -> bool {
+        self.back.send(frame)
+    }
+    fn to_local(&mut self, packet: &[u8]) -> bool {
+        self.tun.is_some_and(|t| t.write_packet(packet))
+    }
+}
+
+/// Frames handled per ring before the other ring gets its turn.
+const BATCH: usize = 256;
+
+/// The dataplane thread: poll both RX rings, hand frames to the engine,
+/// flush TX once per round, run housekeeping on its interval.
+fn dataplane_loop(
+    mut engine: Engine,
+    mut front_rx: RxRing,
+    mut back_rx: RxRing,
+    mut front_tx: TxRing,
+    mut back_tx: TxRing,
+    tun: Option<Tun>,
+    housekeeping: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let t0 = Instant::now();
+    let hk_ms = housekeeping.as_millis().max(1) as u64;
+    let mut next_hk = 0u64;
+    let mut fds = [
+        libc::pollfd { fd: front_rx.fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: back_rx.fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    while !stop.load(Ordering::Relaxed) {
+        let now_ms = t0.elapsed().as_millis() as u64;
+        let mut sinks = Sinks { front: &mut front_tx, back: &mut back_tx, tun: tun.as_ref() };
+        if now_ms >= next_hk {
+            engine.housekeeping(now_ms, &mut sinks);
+            next_hk = now_ms + hk_ms;
+        }
+        let mut n = front_rx.recv_batch(BATCH, &mut |f, m| engine.on_front(f, m, now_ms, &mut sinks));
+        n += back_rx.recv_batch(BATCH, &mut |f, m| engine.on_back(f, m, now_ms, &mut sinks));
+        let _ = front_tx.flush();
+        let _ = back_tx.flush();
+        if n == 0 {
+            let wait = next_hk.saturating_sub(t0.elapsed().as_millis() as u64).clamp(1, 100) as libc::c_int;
+            // SAFETY: fds is a valid array of pollfd for the call.
+            unsafe {
+                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait);
+            }
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), NodeError> {
+    let plan = Plan::for_config(&config);
+    // Make the host what the node needs; remember exactly what we changed.
+    let applied = plan.apply()?;
+    let result = run_applied(&config);
+    if let Err(e) = applied.undo() {
+        tracing::error!(error = %e, "undoing the host setup failed");
+    }
+    result
+}
+
+fn run_applied(config: &Config) -> Result<(), NodeError> {
+    let node = &config.node;
+    let tun = if config.has_local() {
+        let t = Tun::open(&node.local_tun).map_err(io_err(format!("TUN {}", node.local_tun)))?;
+        // Up, and no reverse-path filtering on it: packets enter it with client sources.
+        for cmd in [
+            vec!["link", "set", node.local_tun.as_str(), "up"],
+        ] {
+            let st = std::process::Command::new("ip").args(&cmd).status().map_err(io_err("ip link set up"))?;
+            if !st.success() {
+                return Err(NodeError::Io {
+                    what: format!("ip {}", cmd.join(" ")),
+                    source: io::Error::other("failed"),
+                });
+            }
+        }
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{}/rp_filter", node.local_tun), "0");
+        Some(t)
+    } else {
+        None
+    };
+    let front_mac = interface_mac(&node.front).map_err(io_err(format!("front NIC {}", node.front)))?;
+    let back_mac = interface_mac(&node.back).map_err(io_err(format!("back NIC {}", node.back)))?;
+    let back_local = interface_addrs(&node.back).map_err(io_err(format!("addresses of {}", node.back)))?;
+    let ifs = Interfaces { front_mac, back_mac, back_addr: node.back_gateway.addr(), answer_mac: front_mac };
+    let stats = Arc::new(Stats::new(config));
+    let engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let front_rx = RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
+    let back_rx = RxRing::open(&node.back, 4096).map_err(io_err(format!("RX ring on {}", node.back)))?;
+    let front_tx = TxRing::open(&node.front, 2048).map_err(io_err(format!("TX ring on {}", node.front)))?;
+    let back_tx = TxRing::open(&node.back, 2048).map_err(io_err(format!("TX ring on {}", node.back)))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let hk = config.conntrack.expire_interval;
+    let dp_stop = stop.clone();
+    let dp = std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || dataplane_loop(engine, front_rx, back_rx, front_tx, back_tx, tun, hk, dp_stop))
+        .map_err(io_err("spawning the dataplane thread"))?;
+    tracing::info!(node = %node.name, front = %node.front, back = %node.back, services = config.services.len(), "dataplane running");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err("tokio runtime"))?;
+    let served = rt.block_on(async {
+        let server = crate::control::ControlServer::bind(&node.control_socket)?;
+        let shutdown = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot catch SIGTERM");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            }
+        };
+        server.serve(stats.clone(), shutdown).await
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = dp.join();
+    let _ = std::fs::remove_file(&node.control_socket);
+    served?;
+    Ok(())
+}
