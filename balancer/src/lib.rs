@@ -1,1 +1,4 @@
 //! The balancer node.
+
+pub mod conntrack;
+pub mod sched;
