@@ -148,9 +148,10 @@ impl Scheduler for RoundRobin {
 /// (`ngx_http_upstream_get_peer()` in `ngx_http_upstream_round_robin.c`,
 /// introduced in nginx 1.3.1 / commit "Upstream: smooth weighted
 /// round-robin balancing"), chosen over IPVS's interleaved gcd / max-weight
-/// stepping (`ip_vs_wrr.c`) because IPVS sends a run of consecutive flows to
-/// the heaviest backend (weights 5:1 give `a a a a a b`) where this spreads
-/// them (`a a a b a a`).
+/// stepping (`ip_vs_wrr.c`) because IPVS sends runs of consecutive flows to
+/// the heaviest backends (weights 5:1:1 cycle as `a a a a a b c`) where this
+/// interleaves them (`a a b a c a a`): after any number of picks, every
+/// backend has had its weighted share to within less than one pick.
 ///
 /// Each eligible backend has a running `current` weight. Every pick adds
 /// each backend's weight to its `current`, chooses the largest `current`
@@ -162,8 +163,8 @@ impl Scheduler for RoundRobin {
 /// Weight or availability changes restart the cycle from zero (like IPVS's
 /// `ip_vs_wrr_dest_changed()`): the new weights hold exactly from the next
 /// pick on, and a backend that comes back carries no credit or debt from
-/// before. Cost: O(backends) per pick, one `Vec` of two `u64`-sized values
-/// per backend, reallocated only when the slice's length changes.
+/// before. Cost: O(backends) per pick, 16 bytes of state per backend in a
+/// `Vec` reallocated only when the slice's length changes.
 #[derive(Clone, Debug, Default)]
 pub struct Wrr {
     state: Vec<WrrPeer>,
@@ -412,7 +413,7 @@ mod tests {
     fn wrr_is_smooth() {
         // After every prefix of k picks, each backend has had its share
         // k * w / W within less than one pick: no backend gets ahead in a
-        // burst. IPVS's interleaved wrr fails this for 5:1:1 (it starts
+        // burst. IPVS's interleaved wrr fails this for 5:1:1 (its cycle is
         // a a a a a b c: 5 picks of a where 3.6 are due).
         let cases: [&[u32]; 7] = [
             &[5, 1],
