@@ -1,9 +1,11 @@
 //! The balancer node.
 
 pub mod config;
+pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod error;
+pub mod sched;
 pub mod stats;
 
 pub use config::Config;
