@@ -652,12 +652,7 @@ forward = "dr"
         let snap = s.snapshot();
         assert_eq!(snap.services[1].no_backend, 1);
         assert_eq!(snap.services[0].conn_table_full, 2);
-        let drop = |name: &str| {
-            snap.drops
-                .iter()
-                .find(|d| d.reason == name)
-                .map(|d| d.count)
-        };
+        let drop = |name: &str| snap.drops.iter().find(|d| d.reason == name).map(|d| d.count);
         assert_eq!(drop("no_backend"), Some(1));
         assert_eq!(drop("table_full"), Some(2));
         assert_eq!(drop("runt"), Some(1));

@@ -3,4 +3,5 @@
 //! `bench` built on it. Everything needs root.
 
 pub mod client;
+pub mod single;
 pub mod topo;
