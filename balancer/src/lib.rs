@@ -3,6 +3,7 @@
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod setup;
 pub mod stats;
 
 pub use config::Config;
