@@ -835,6 +835,13 @@ mod tests {
         commands: RefCell<Vec<String>>,
     }
 
+    /// Sysctls, addresses per device, table names.
+    type HostState = (
+        BTreeMap<PathBuf, String>,
+        BTreeMap<String, Vec<(Ipv4Net, String)>>,
+        Vec<String>,
+    );
+
     impl FakeHost {
         fn new(devices: &[&str]) -> FakeHost {
             let host = FakeHost::default();
@@ -855,13 +862,7 @@ mod tests {
             host
         }
 
-        fn snapshot(
-            &self,
-        ) -> (
-            BTreeMap<PathBuf, String>,
-            BTreeMap<String, Vec<(Ipv4Net, String)>>,
-            Vec<String>,
-        ) {
+        fn snapshot(&self) -> HostState {
             (
                 self.sysctls.borrow().clone(),
                 self.addrs.borrow().clone(),
@@ -1094,11 +1095,10 @@ forward = "nat"
         let host = FakeHost::new(&["front0", "back0"]);
         let plan = Plan::for_config(&config());
         let first = plan.apply_on(&host).expect("apply");
-        for (name, value) in [("rp_filter", "1")] {
-            host.sysctls
-                .borrow_mut()
-                .insert(Sysctl::conf("lbtun0", name).path(), value.to_owned());
-        }
+        // What `run` does: the TUN appears, with the default rp_filter.
+        host.sysctls
+            .borrow_mut()
+            .insert(Sysctl::conf("lbtun0", "rp_filter").path(), "1".to_owned());
         let second = plan.apply_on(&host).expect("apply after run made the TUN");
         assert_eq!(second.changes.len(), 1);
         assert_eq!(
