@@ -538,7 +538,7 @@ impl StatusSnapshot {
                 };
                 write!(
                     out,
-                    "  -> {:<22} {:<7} {:>6}",
+                    "  -> {:<24} {:<7} {:>6}",
                     remote,
                     b.forward.ipvs_name(),
                     b.weight
