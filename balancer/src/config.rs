@@ -148,62 +148,12 @@ impl Protocol {
     }
 }
 
-/// Scheduling algorithm of a service. To add one: a variant, its name in
-/// `as_str` and `ALL`; serde and `FromStr` follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheduler {
-    /// Round robin.
-    Rr,
-    /// Weighted round robin.
-    Wrr,
-}
+/// Scheduling algorithm of a service: the scheduler module's own kind, so
+/// that adding a scheduler there makes it configurable here.
+pub use crate::sched::SchedulerKind as Scheduler;
 
-impl Scheduler {
-    pub const ALL: [Scheduler; 2] = [Scheduler::Rr, Scheduler::Wrr];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Scheduler::Rr => "rr",
-            Scheduler::Wrr => "wrr",
-        }
-    }
-}
-
-/// How packets reach a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Forward {
-    /// Destination address and port rewritten; replies come back through
-    /// the node (its back gateway) and are rewritten back.
-    Nat,
-    /// Only the destination MAC rewritten; the real server holds the VIP
-    /// on `lo` and answers the client directly.
-    Dr,
-    /// Served by the node's own stack through the TUN device.
-    Local,
-}
-
-impl Forward {
-    pub const ALL: [Forward; 3] = [Forward::Nat, Forward::Dr, Forward::Local];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Forward::Nat => "nat",
-            Forward::Dr => "dr",
-            Forward::Local => "local",
-        }
-    }
-
-    /// The name `ipvsadm -L` shows for the method.
-    pub const fn ipvs_name(self) -> &'static str {
-        match self {
-            Forward::Nat => "Masq",
-            Forward::Dr => "Route",
-            Forward::Local => "Local",
-        }
-    }
-}
+/// How packets reach a backend: the connection table's method.
+pub use crate::conntrack::Method as Forward;
 
 macro_rules! str_enum_impls {
     ($($t:ty),*) => {$(
@@ -227,7 +177,7 @@ macro_rules! str_enum_impls {
         }
     )*};
 }
-str_enum_impls!(Protocol, Scheduler, Forward);
+str_enum_impls!(Protocol);
 
 impl Config {
     /// Reads, parses and validates the file at `path`.

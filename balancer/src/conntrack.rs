@@ -70,12 +70,39 @@ impl Method {
         !matches!(self, Method::Nat)
     }
 
+    pub const ALL: [Method; 3] = [Method::Nat, Method::Dr, Method::Local];
+
+    /// The name in config files and status output.
+    pub const fn as_str(self) -> &'static str {
+        self.name()
+    }
+
+    /// The name `ipvsadm -L` shows for the method.
+    pub const fn ipvs_name(self) -> &'static str {
+        match self {
+            Method::Nat => "Masq",
+            Method::Dr => "Route",
+            Method::Local => "Local",
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Method::Nat => "nat",
             Method::Dr => "dr",
             Method::Local => "local",
         }
+    }
+}
+
+impl core::str::FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown value `{s}`, expected one of nat, dr, local"))
     }
 }
 

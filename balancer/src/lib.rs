@@ -5,7 +5,9 @@ pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod error;
+pub mod node;
 pub mod sched;
+pub mod setup;
 pub mod stats;
 
 pub use config::Config;

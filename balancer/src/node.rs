@@ -41,7 +41,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
 /// The MAC address of a local interface.
 pub fn interface_mac(ifname: &str) -> io::Result<MacAddr> {
     let s = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))?;
-    s.trim().parse::<MacAddr>().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad MAC of {ifname}: {s}")))
+    s.trim()
+        .parse::<MacAddr>()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad MAC of {ifname}: {s}")))
 }
 
 /// The IPv4 addresses on a local interface.
@@ -90,12 +92,24 @@ fn dataplane_loop(
     let hk_ms = housekeeping.as_millis().max(1) as u64;
     let mut next_hk = 0u64;
     let mut fds = [
-        libc::pollfd { fd: front_rx.fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: back_rx.fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: front_rx.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: back_rx.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     while !stop.load(Ordering::Relaxed) {
         let now_ms = t0.elapsed().as_millis() as u64;
-        let mut sinks = Sinks { front: &mut front_tx, back: &mut back_tx, tun: tun.as_ref() };
+        let mut sinks = Sinks {
+            front: &mut front_tx,
+            back: &mut back_tx,
+            tun: tun.as_ref(),
+        };
         if now_ms >= next_hk {
             engine.housekeeping(now_ms, &mut sinks);
             next_hk = now_ms + hk_ms;
@@ -131,10 +145,11 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
     let tun = if config.has_local() {
         let t = Tun::open(&node.local_tun).map_err(io_err(format!("TUN {}", node.local_tun)))?;
         // Up, and no reverse-path filtering on it: packets enter it with client sources.
-        for cmd in [
-            vec!["link", "set", node.local_tun.as_str(), "up"],
-        ] {
-            let st = std::process::Command::new("ip").args(&cmd).status().map_err(io_err("ip link set up"))?;
+        for cmd in [vec!["link", "set", node.local_tun.as_str(), "up"]] {
+            let st = std::process::Command::new("ip")
+                .args(&cmd)
+                .status()
+                .map_err(io_err("ip link set up"))?;
             if !st.success() {
                 return Err(NodeError::Io {
                     what: format!("ip {}", cmd.join(" ")),
@@ -150,7 +165,12 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
     let front_mac = interface_mac(&node.front).map_err(io_err(format!("front NIC {}", node.front)))?;
     let back_mac = interface_mac(&node.back).map_err(io_err(format!("back NIC {}", node.back)))?;
     let back_local = interface_addrs(&node.back).map_err(io_err(format!("addresses of {}", node.back)))?;
-    let ifs = Interfaces { front_mac, back_mac, back_addr: node.back_gateway.addr(), answer_mac: front_mac };
+    let ifs = Interfaces {
+        front_mac,
+        back_mac,
+        back_addr: node.back_gateway.addr(),
+        answer_mac: front_mac,
+    };
     let stats = Arc::new(Stats::new(config));
     let engine = Engine::new(config, ifs, back_local, stats.clone())?;
     let front_rx = RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
@@ -167,7 +187,10 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
         .map_err(io_err("spawning the dataplane thread"))?;
     tracing::info!(node = %node.name, front = %node.front, back = %node.back, services = config.services.len(), "dataplane running");
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err("tokio runtime"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("tokio runtime"))?;
     let served = rt.block_on(async {
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {

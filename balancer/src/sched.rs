@@ -58,6 +58,11 @@ impl SchedulerKind {
     }
 
     /// A fresh scheduler of this kind.
+    /// The name in config files and status output.
+    pub const fn as_str(self) -> &'static str {
+        self.name()
+    }
+
     pub fn build(self) -> Box<dyn Scheduler> {
         match self {
             SchedulerKind::Rr => Box::new(RoundRobin::new()),

@@ -474,6 +474,96 @@ impl Stats {
     }
 }
 
+impl StatusSnapshot {
+    /// The text `balancer status` prints, laid out like
+    /// `ipvsadm -Ln --stats` (plus the forward method, weight and
+    /// connection gauges of `ipvsadm -Ln`): services and their backends,
+    /// then drops by reason (only non-zero ones unless `all_drops`), then
+    /// frame totals.
+    pub fn render(&self, all_drops: bool) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = self.render_into(&mut out, all_drops);
+        out
+    }
+
+    fn render_into(&self, out: &mut String, all_drops: bool) -> std::fmt::Result {
+        use std::fmt::Write;
+        fn counters(out: &mut String, c: &CounterSnapshot) -> std::fmt::Result {
+            write!(
+                out,
+                " {:>10} {:>9} {:>10} {:>10} {:>10} {:>12} {:>12}",
+                c.conns_active, c.conns_inactive, c.conns_total, c.pkts_in, c.pkts_out, c.bytes_in, c.bytes_out
+            )
+        }
+        writeln!(out, "balancer node {}", self.node)?;
+        writeln!(
+            out,
+            "{:<4} {:<24} {:<7} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>12} {:>12}  Name",
+            "Prot",
+            "LocalAddress:Port Sched",
+            "Forward",
+            "Weight",
+            "ActiveConn",
+            "InActConn",
+            "Conns",
+            "InPkts",
+            "OutPkts",
+            "InBytes",
+            "OutBytes"
+        )?;
+        writeln!(out, "  -> RemoteAddress:Port")?;
+        for s in &self.services {
+            let local = format!("{}:{} {}", s.vip, s.port, s.scheduler);
+            write!(
+                out,
+                "{:<4} {:<24} {:<7} {:>6}",
+                s.protocol.as_str().to_uppercase(),
+                local,
+                "",
+                ""
+            )?;
+            counters(out, &s.counters)?;
+            writeln!(out, "  {}", s.name)?;
+            for b in &s.backends {
+                let remote = match b.address {
+                    Some(a) => format!("{a}:{}", b.port),
+                    None => format!("local:{}", b.port),
+                };
+                write!(out, "  -> {:<24} {:<7} {:>6}", remote, b.forward.ipvs_name(), b.weight)?;
+                counters(out, &b.counters)?;
+                writeln!(out, "  {}", b.name)?;
+            }
+            if all_drops || s.no_backend != 0 || s.conn_table_full != 0 {
+                writeln!(
+                    out,
+                    "  refused new flows: no_backend {}, conn_table_full {}",
+                    s.no_backend, s.conn_table_full
+                )?;
+            }
+        }
+        writeln!(out)?;
+        writeln!(out, "Drops{}", if all_drops { "" } else { " (non-zero)" })?;
+        let shown: Vec<&DropCount> = self.drops.iter().filter(|d| all_drops || d.count != 0).collect();
+        if shown.is_empty() {
+            writeln!(out, "  none")?;
+        }
+        for d in shown {
+            writeln!(out, "  {:<20} {:>12}", d.reason, d.count)?;
+        }
+        writeln!(out)?;
+        writeln!(out, "Frames       {:<16} {:>12} {:>12}", "Device", "Received", "Sent")?;
+        for n in &self.nics {
+            writeln!(
+                out,
+                "  {:<10} {:<16} {:>12} {:>12}",
+                n.role, n.name, n.rx_frames, n.tx_frames
+            )?;
+        }
+        writeln!(out, "ARP replies sent: {}", self.arp_replies)
+    }
+}
+
 /// The counters of a service or backend at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterSnapshot {

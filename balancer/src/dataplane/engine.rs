@@ -43,7 +43,7 @@ use crate::config::{Config, Forward};
 use crate::conntrack::{ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, Timeouts};
 use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
-use crate::sched::{BackendView, Scheduler, SchedulerKind};
+use crate::sched::{BackendView, Scheduler};
 use crate::stats::{ConnGauge, DropReason, Nic, Stats};
 
 /// Where the engine sends frames. Each returns false when the frame could
@@ -109,20 +109,19 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("ifs", &self.ifs).field("conns", &self.conns).finish_non_exhaustive()
-    }
-}
-
-fn method_of(f: Forward) -> Method {
-    match f {
-        Forward::Nat => Method::Nat,
-        Forward::Dr => Method::Dr,
-        Forward::Local => Method::Local,
+        f.debug_struct("Engine")
+            .field("ifs", &self.ifs)
+            .field("conns", &self.conns)
+            .finish_non_exhaustive()
     }
 }
 
 fn gauge(e: &Entry) -> ConnGauge {
-    if e.state.is_active() { ConnGauge::Active } else { ConnGauge::Inactive }
+    if e.state.is_active() {
+        ConnGauge::Active
+    } else {
+        ConnGauge::Inactive
+    }
 }
 
 /// The drop counter for a frame the parser refused.
@@ -154,7 +153,12 @@ fn rewrite_drop(e: RewriteError) -> DropReason {
 impl Engine {
     /// Builds the engine for `config`. `back_local` are the node's own
     /// addresses on the back NIC.
-    pub fn new(config: &Config, ifs: Interfaces, back_local: Vec<Ipv4Addr>, stats: Arc<Stats>) -> Result<Engine, ConntrackError> {
+    pub fn new(
+        config: &Config,
+        ifs: Interfaces,
+        back_local: Vec<Ipv4Addr>,
+        stats: Arc<Stats>,
+    ) -> Result<Engine, ConntrackError> {
         let c = &config.conntrack;
         let timeouts = Timeouts {
             syn_recv: c.tcp_syn_recv,
@@ -165,6 +169,7 @@ impl Engine {
             time_wait: c.tcp_time_wait,
             close: c.tcp_close,
             udp: c.udp,
+            ..Timeouts::default()
         };
         let conns = ConnTable::new(c.max_entries, timeouts)?;
         let mut by_addr = HashMap::with_hasher(RandomState::default());
@@ -182,13 +187,24 @@ impl Engine {
                 .map(|b| BackendRt {
                     addr: b.address.unwrap_or(s.vip),
                     port: if b.forward == Forward::Nat { b.port } else { s.port },
-                    method: method_of(b.forward),
+                    method: b.forward,
                 })
                 .collect();
             wanted.extend(backends.iter().filter(|b| b.method != Method::Local).map(|b| b.addr));
-            let views =
-                s.backends.iter().map(|b| BackendView { weight: u32::from(b.weight), active_conns: 0, available: true }).collect();
-            services.push(ServiceRt { sched: SchedulerKind::from(s.scheduler).build(), backends, views });
+            let views = s
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    weight: u32::from(b.weight),
+                    active_conns: 0,
+                    available: true,
+                })
+                .collect();
+            services.push(ServiceRt {
+                sched: s.scheduler.build(),
+                backends,
+                views,
+            });
         }
         Ok(Engine {
             ifs,
@@ -221,7 +237,10 @@ impl Engine {
 
     fn send_front(&self, out: &mut dyn Output, frame: &[u8]) {
         if out.to_front(frame) {
-            self.stats.nic(Nic::Front).tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .nic(Nic::Front)
+                .tx_frames
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             self.drop(DropReason::TxFull);
         }
@@ -229,7 +248,10 @@ impl Engine {
 
     fn send_back(&self, out: &mut dyn Output, frame: &[u8]) {
         if out.to_back(frame) {
-            self.stats.nic(Nic::Back).tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .nic(Nic::Back)
+                .tx_frames
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             self.drop(DropReason::TxFull);
         }
@@ -237,7 +259,10 @@ impl Engine {
 
     fn send_local(&self, out: &mut dyn Output, packet: &[u8]) {
         if out.to_local(packet) {
-            self.stats.nic(Nic::Tun).tx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .nic(Nic::Tun)
+                .tx_frames
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             self.drop(DropReason::TxFull);
         }
@@ -246,7 +271,10 @@ impl Engine {
     /// Common checks of a received frame: truncation by the ring, VLAN tags,
     /// the parser. `None` means dropped and counted.
     fn accept(&self, nic: Nic, frame: &[u8], meta: RxMeta) -> Option<Parsed> {
-        self.stats.nic(nic).rx_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .nic(nic)
+            .rx_frames
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if meta.len > frame.len() {
             self.drop(DropReason::Truncated);
             return None;
@@ -270,7 +298,9 @@ impl Engine {
 
     /// A frame received on the front NIC.
     pub fn on_front(&mut self, frame: &mut [u8], meta: RxMeta, now_ms: u64, out: &mut dyn Output) {
-        let Some(p) = self.accept(Nic::Front, frame, meta) else { return };
+        let Some(p) = self.accept(Nic::Front, frame, meta) else {
+            return;
+        };
         match p.kind {
             Kind::Arp(a) => self.front_arp(&a, out),
             Kind::Ipv4 { dst, fragment, l4, .. } => {
@@ -303,7 +333,9 @@ impl Engine {
         let mut buf = [0u8; 64];
         if let Ok(n) = rewrite::arp::write_reply(&mut buf, a, self.ifs.answer_mac, self.ifs.front_mac) {
             self.send_front(out, &buf[..n]);
-            self.stats.arp_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .arp_replies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -314,7 +346,10 @@ impl Engine {
             return;
         };
         let flags = match p.kind {
-            Kind::Ipv4 { l4: L4::Tcp { flags, .. }, .. } => TcpFlags(flags.0),
+            Kind::Ipv4 {
+                l4: L4::Tcp { flags, .. },
+                ..
+            } => TcpFlags(flags.0),
             _ => TcpFlags::NONE,
         };
         let id = match self.conns.lookup_client(&key, flags) {
@@ -382,7 +417,14 @@ impl Engine {
     }
 
     /// Schedules a new flow and records it; `None` if dropped (counted).
-    fn new_conn(&mut self, svc: u16, key: FlowKey, flags: TcpFlags, p: &Parsed, now_ms: u64) -> Option<crate::conntrack::ConnId> {
+    fn new_conn(
+        &mut self,
+        svc: u16,
+        key: FlowKey,
+        flags: TcpFlags,
+        p: &Parsed,
+        now_ms: u64,
+    ) -> Option<crate::conntrack::ConnId> {
         if key.proto == proto::TCP {
             let f = flags.0;
             let syn = f & 0x02 != 0;
@@ -441,10 +483,12 @@ impl Engine {
         let view = &mut self.services[svc as usize].views[be as usize];
         if activated {
             view.active_conns += 1;
-            self.stats.conn_moved(svc as usize, be as usize, ConnGauge::Inactive, ConnGauge::Active);
+            self.stats
+                .conn_moved(svc as usize, be as usize, ConnGauge::Inactive, ConnGauge::Active);
         } else if deactivated {
             view.active_conns = view.active_conns.saturating_sub(1);
-            self.stats.conn_moved(svc as usize, be as usize, ConnGauge::Active, ConnGauge::Inactive);
+            self.stats
+                .conn_moved(svc as usize, be as usize, ConnGauge::Active, ConnGauge::Inactive);
         }
     }
 
@@ -483,7 +527,9 @@ impl Engine {
 
     /// A frame received on the back NIC.
     pub fn on_back(&mut self, frame: &mut [u8], meta: RxMeta, now_ms: u64, out: &mut dyn Output) {
-        let Some(p) = self.accept(Nic::Back, frame, meta) else { return };
+        let Some(p) = self.accept(Nic::Back, frame, meta) else {
+            return;
+        };
         match p.kind {
             Kind::Arp(a) => {
                 self.neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
@@ -539,7 +585,8 @@ impl Engine {
                     self.drop(DropReason::Runt);
                     return;
                 }
-                self.stats.record_out(e.service as usize, e.backend as usize, ip_len(&p));
+                self.stats
+                    .record_out(e.service as usize, e.backend as usize, ip_len(&p));
                 let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
                 self.send_front(out, &frame[..end]);
             }
@@ -568,7 +615,7 @@ impl Engine {
                 target_mac: MacAddr([0; 6]),
                 target_ip: *ip,
             };
-            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req, self.ifs.back_mac) {
+            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
                 let f = self.scratch;
                 self.send_back(out, &f[..n]);
             }
@@ -579,7 +626,9 @@ impl Engine {
             self.next_garp_ms = now_ms + 1000;
             for i in 0..self.vips.len() {
                 let vip = self.vips[i];
-                if let Ok(n) = rewrite::arp::write_gratuitous(&mut self.scratch, vip, self.ifs.answer_mac, self.ifs.front_mac) {
+                if let Ok(n) =
+                    rewrite::arp::write_gratuitous(&mut self.scratch, vip, self.ifs.answer_mac, self.ifs.front_mac)
+                {
                     let f = self.scratch;
                     self.send_front(out, &f[..n]);
                 }

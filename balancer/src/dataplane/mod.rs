@@ -2,6 +2,7 @@
 //! the node's own stack, the back-segment neighbour table, and the engine
 //! that decides what happens to each frame.
 
+pub mod engine;
 pub mod neigh;
 pub mod ring;
 pub mod tun;
