@@ -297,7 +297,13 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn err(&self, span: &Range<usize>, key: impl Into<String>, kind: Kind, message: impl Into<String>) -> Error {
+    fn err(
+        &self,
+        span: &Range<usize>,
+        key: impl Into<String>,
+        kind: Kind,
+        message: impl Into<String>,
+    ) -> Error {
         let (line, column) = line_column(&self.text, span.start);
         ConfigError {
             file: self.file.clone(),
@@ -405,7 +411,8 @@ fn classify_serde_error(message: &str) -> (Kind, Option<String>) {
         (Kind::UnknownKey, None)
     } else if message.starts_with("missing field") {
         (Kind::MissingKey, quoted(message))
-    } else if message.contains("as i128") || (message.starts_with("invalid value") && message.contains("expected i64"))
+    } else if message.contains("as i128")
+        || (message.starts_with("invalid value") && message.contains("expected i64"))
     {
         (Kind::OutOfRange, None)
     } else {
@@ -421,7 +428,9 @@ fn key_at(root: &Spanned<DeTable<'_>>, offset: usize) -> Option<String> {
     }
     fn value(v: &Spanned<DeValue<'_>>, path: String, offset: usize) -> Option<String> {
         match v.get_ref() {
-            DeValue::Table(t) => table(t, &path, offset).or_else(|| contains(&v.span(), offset).then_some(path)),
+            DeValue::Table(t) => {
+                table(t, &path, offset).or_else(|| contains(&v.span(), offset).then_some(path))
+            }
             DeValue::Array(a) => a
                 .iter()
                 .enumerate()
@@ -520,13 +529,15 @@ impl RawConfig {
                     &raw.get_ref().name.span(),
                     format!("{key}.name"),
                     Kind::DuplicateName,
-                    format!("service name `{}` is already used by service[{prev}]", service.name),
+                    format!(
+                        "service name `{}` is already used by service[{prev}]",
+                        service.name
+                    ),
                 ));
             }
-            if let Some(prev) = services
-                .iter()
-                .position(|s| s.vip == service.vip && s.port == service.port && s.protocol == service.protocol)
-            {
+            if let Some(prev) = services.iter().position(|s| {
+                s.vip == service.vip && s.port == service.port && s.protocol == service.protocol
+            }) {
                 return Err(ctx.err(
                     &raw.span(),
                     key,
@@ -556,7 +567,9 @@ impl RawConfig {
         if name.is_empty()
             || name.len() > 32
             || !name.starts_with(|c: char| c.is_ascii_alphabetic())
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
             return Err(ctx.err(
                 &raw.name.span(),
@@ -572,8 +585,12 @@ impl RawConfig {
         let tun = raw.local_tun.as_ref().unwrap_or(&default_tun);
         ifaces.push(("node.local_tun", tun));
         for (i, (key, value)) in ifaces.iter().enumerate() {
-            check_ifname(value.get_ref()).map_err(|m| ctx.err(&value.span(), *key, Kind::BadInterfaceName, m))?;
-            if let Some((other, _)) = ifaces[..i].iter().find(|(_, v)| v.get_ref() == value.get_ref()) {
+            check_ifname(value.get_ref())
+                .map_err(|m| ctx.err(&value.span(), *key, Kind::BadInterfaceName, m))?;
+            if let Some((other, _)) = ifaces[..i]
+                .iter()
+                .find(|(_, v)| v.get_ref() == value.get_ref())
+            {
                 let span = if value.span().is_empty() {
                     self.node.span()
                 } else {
@@ -583,7 +600,10 @@ impl RawConfig {
                     &span,
                     *key,
                     Kind::SameInterface,
-                    format!("`{}` is also {other}; the node needs distinct devices", value.get_ref()),
+                    format!(
+                        "`{}` is also {other}; the node needs distinct devices",
+                        value.get_ref()
+                    ),
                 ));
             }
         }
@@ -594,7 +614,9 @@ impl RawConfig {
                 &raw.back_gateway.span(),
                 "node.back_gateway",
                 Kind::BadValue,
-                format!("`{gw_text}` is not an IPv4 address with prefix length, like 198.19.0.1/24"),
+                format!(
+                    "`{gw_text}` is not an IPv4 address with prefix length, like 198.19.0.1/24"
+                ),
             )
         })?;
         if back_gateway.prefix_len() > 30
@@ -611,10 +633,10 @@ impl RawConfig {
             ));
         }
 
-        let control_socket = raw
-            .control_socket
-            .as_ref()
-            .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), |s| PathBuf::from(s.get_ref()));
+        let control_socket = raw.control_socket.as_ref().map_or_else(
+            || PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            |s| PathBuf::from(s.get_ref()),
+        );
         if let Some(s) = &raw.control_socket
             && (s.get_ref().is_empty() || s.get_ref().ends_with('/'))
         {
@@ -628,9 +650,8 @@ impl RawConfig {
 
         let flow_hash_seed = match &raw.flow_hash_seed {
             None => DEFAULT_FLOW_HASH_SEED,
-            Some(s) => {
-                parse_seed(s.get_ref()).map_err(|m| ctx.err(&s.span(), "node.flow_hash_seed", Kind::BadValue, m))?
-            }
+            Some(s) => parse_seed(s.get_ref())
+                .map_err(|m| ctx.err(&s.span(), "node.flow_hash_seed", Kind::BadValue, m))?,
         };
 
         Ok(Node {
@@ -666,14 +687,22 @@ impl RawConfig {
         }
         let durations: [(&str, &Option<SpannedDuration>, &mut Duration); 9] = [
             ("tcp_syn_recv", &raw.tcp_syn_recv, &mut c.tcp_syn_recv),
-            ("tcp_established", &raw.tcp_established, &mut c.tcp_established),
+            (
+                "tcp_established",
+                &raw.tcp_established,
+                &mut c.tcp_established,
+            ),
             ("tcp_fin_wait", &raw.tcp_fin_wait, &mut c.tcp_fin_wait),
             ("tcp_close_wait", &raw.tcp_close_wait, &mut c.tcp_close_wait),
             ("tcp_last_ack", &raw.tcp_last_ack, &mut c.tcp_last_ack),
             ("tcp_time_wait", &raw.tcp_time_wait, &mut c.tcp_time_wait),
             ("tcp_close", &raw.tcp_close, &mut c.tcp_close),
             ("udp", &raw.udp, &mut c.udp),
-            ("expire_interval", &raw.expire_interval, &mut c.expire_interval),
+            (
+                "expire_interval",
+                &raw.expire_interval,
+                &mut c.expire_interval,
+            ),
         ];
         for (key, value, slot) in durations {
             if let Some(v) = value {
@@ -717,11 +746,17 @@ fn parse_addr(ctx: &Ctx, value: &Spanned<String>, key: &str) -> Result<Ipv4Addr>
     })
 }
 
-fn validate_service(ctx: &Ctx, node: &Node, si: usize, raw: &Spanned<RawService>) -> Result<Service> {
+fn validate_service(
+    ctx: &Ctx,
+    node: &Node,
+    si: usize,
+    raw: &Spanned<RawService>,
+) -> Result<Service> {
     let key = format!("service[{si}]");
     let r = raw.get_ref();
     let name = r.name.get_ref().clone();
-    check_name(&name).map_err(|m| ctx.err(&r.name.span(), format!("{key}.name"), Kind::BadValue, m))?;
+    check_name(&name)
+        .map_err(|m| ctx.err(&r.name.span(), format!("{key}.name"), Kind::BadValue, m))?;
     let vip = parse_addr(ctx, &r.vip, &format!("{key}.vip"))?;
     if vip.is_unspecified() || vip.is_multicast() || vip.is_broadcast() || vip.is_loopback() {
         return Err(ctx.err(
@@ -745,7 +780,10 @@ fn validate_service(ctx: &Ctx, node: &Node, si: usize, raw: &Spanned<RawService>
     }
     let port = check_port(ctx, &r.port, &format!("{key}.port"))?;
     let protocol = r.protocol.as_ref().map_or(Protocol::Tcp, |p| *p.get_ref());
-    let scheduler = r.scheduler.as_ref().map_or(Scheduler::Wrr, |s| *s.get_ref());
+    let scheduler = r
+        .scheduler
+        .as_ref()
+        .map_or(Scheduler::Wrr, |s| *s.get_ref());
 
     if r.backend.is_empty() {
         return Err(ctx.err(
@@ -834,7 +872,8 @@ fn validate_service(ctx: &Ctx, node: &Node, si: usize, raw: &Spanned<RawService>
         };
         let name = match &b.name {
             Some(n) => {
-                check_name(n.get_ref()).map_err(|m| ctx.err(&n.span(), format!("{bkey}.name"), Kind::BadValue, m))?;
+                check_name(n.get_ref())
+                    .map_err(|m| ctx.err(&n.span(), format!("{bkey}.name"), Kind::BadValue, m))?;
                 n.get_ref().clone()
             }
             None => match address {
@@ -924,7 +963,10 @@ mod tests {
         };
         let shown = err.to_string();
         let prefix = format!("test.toml:{line}:{column}: {key}: ");
-        assert!(shown.starts_with(&prefix), "expected `{prefix}...`, got `{shown}`");
+        assert!(
+            shown.starts_with(&prefix),
+            "expected `{prefix}...`, got `{shown}`"
+        );
         assert_eq!(err.kind, kind, "{shown}");
         shown
     }
@@ -939,7 +981,10 @@ mod tests {
         );
         let c = Config::parse(text, "test.toml").expect("valid");
         assert_eq!(c.node.local_tun, "lbtun0");
-        assert_eq!(c.node.control_socket, PathBuf::from("/run/balancer/balancer.sock"));
+        assert_eq!(
+            c.node.control_socket,
+            PathBuf::from("/run/balancer/balancer.sock")
+        );
         assert_eq!(c.node.flow_hash_seed, DEFAULT_FLOW_HASH_SEED);
         assert_eq!(c.node.back_gateway.to_string(), "198.19.0.1/24");
         assert_eq!(c.conntrack, Conntrack::default());
@@ -978,7 +1023,10 @@ mod tests {
         let s = &c.services[0];
         assert_eq!((s.protocol, s.scheduler), (Protocol::Udp, Scheduler::Rr));
         assert_eq!((s.backends[0].port, s.backends[0].weight), (5353, 0));
-        assert_eq!((s.backends[1].forward, s.backends[1].weight), (Forward::Dr, 65535));
+        assert_eq!(
+            (s.backends[1].forward, s.backends[1].weight),
+            (Forward::Dr, 65535)
+        );
     }
 
     #[test]
@@ -1004,7 +1052,13 @@ mod tests {
 
     #[test]
     fn rejects_invalid_toml() {
-        refused(concat!(node!(), "[[service]\n"), 6, 11, "service", Kind::Syntax);
+        refused(
+            concat!(node!(), "[[service]\n"),
+            6,
+            11,
+            "service",
+            Kind::Syntax,
+        );
     }
 
     #[test]
@@ -1036,7 +1090,13 @@ mod tests {
 
     #[test]
     fn rejects_unknown_top_level_table() {
-        refused(concat!(node!(), "[health]\n"), 6, 2, "health", Kind::UnknownKey);
+        refused(
+            concat!(node!(), "[health]\n"),
+            6,
+            2,
+            "health",
+            Kind::UnknownKey,
+        );
     }
 
     #[test]
@@ -1247,7 +1307,10 @@ mod tests {
     #[test]
     fn rejects_flow_hash_seed_with_non_hex_digits() {
         refused(
-            concat!(node!(), "flow_hash_seed = \"00112233445566778899aabbccddeefg\"\n"),
+            concat!(
+                node!(),
+                "flow_hash_seed = \"00112233445566778899aabbccddeefg\"\n"
+            ),
             6,
             18,
             "node.flow_hash_seed",
@@ -1428,7 +1491,9 @@ mod tests {
     #[test]
     fn rejects_weight_above_65535() {
         refused(
-            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nweight = 65536\nforward = \"nat\"\n"),
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nweight = 65536\nforward = \"nat\"\n",
+            ),
             12,
             10,
             "service[0].backend[0].weight",
@@ -1439,7 +1504,9 @@ mod tests {
     #[test]
     fn rejects_negative_weight() {
         refused(
-            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nweight = -1\nforward = \"nat\"\n"),
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nweight = -1\nforward = \"nat\"\n",
+            ),
             12,
             10,
             "service[0].backend[0].weight",
@@ -1450,7 +1517,9 @@ mod tests {
     #[test]
     fn rejects_backend_port_zero() {
         refused(
-            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nport = 0\nforward = \"nat\"\n"),
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 0\nforward = \"nat\"\n",
+            ),
             12,
             8,
             "service[0].backend[0].port",
@@ -1461,7 +1530,9 @@ mod tests {
     #[test]
     fn rejects_dr_backend_with_another_port() {
         let m = refused(
-            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"dr\"\n"),
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"dr\"\n",
+            ),
             12,
             8,
             "service[0].backend[0].port",
@@ -1484,7 +1555,9 @@ mod tests {
     #[test]
     fn accepts_nat_backend_with_another_port() {
         let c = Config::parse(
-            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"nat\"\n"),
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"nat\"\n",
+            ),
             "t",
         )
         .expect("valid");

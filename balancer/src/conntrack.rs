@@ -224,8 +224,8 @@ pub enum ConnState {
 const N_STATES: usize = 9;
 
 use ConnState::{
-    Close as CL, CloseWait as CW, Established as ES, FinWait as FW, LastAck as LA, None as NO, SynRecv as SR,
-    TimeWait as TW,
+    Close as CL, CloseWait as CW, Established as ES, FinWait as FW, LastAck as LA, None as NO,
+    SynRecv as SR, TimeWait as TW,
 };
 
 // The transition tables, indexed [TcpInput::row()][state as usize] for the
@@ -587,7 +587,10 @@ struct List {
     tail: u32,
 }
 
-const EMPTY_LIST: List = List { head: NIL, tail: NIL };
+const EMPTY_LIST: List = List {
+    head: NIL,
+    tail: NIL,
+};
 
 /// The bounded connection table. See the module documentation.
 pub struct ConnTable {
@@ -630,7 +633,11 @@ impl ConnTable {
         let mut slots = Vec::with_capacity(max_entries);
         for i in 0..max_entries {
             // i < MAX_CAPACITY < u32::MAX
-            let next = if i + 1 < max_entries { (i + 1) as u32 } else { NIL };
+            let next = if i + 1 < max_entries {
+                (i + 1) as u32
+            } else {
+                NIL
+            };
             slots.push(Slot {
                 entry: None,
                 generation: 0,
@@ -681,7 +688,9 @@ impl ConnTable {
     /// When `entry` expires if no packet refreshes it: it is removed by the
     /// first [`ConnTable::expire`] with `now_ms >=` this.
     pub fn expires_ms(&self, entry: &Entry) -> u64 {
-        entry.last_seen_ms.saturating_add(self.timeout_ms[entry.state as usize])
+        entry
+            .last_seen_ms
+            .saturating_add(self.timeout_ms[entry.state as usize])
     }
 
     /// The earliest expiry of any entry, for the caller to sleep until.
@@ -746,9 +755,16 @@ impl ConnTable {
     ///
     /// Fails, changing nothing, if the key is present, if a NAT entry's reply
     /// key is taken, or if the table is full.
-    pub fn insert(&mut self, conn: NewConn, flags: TcpFlags, now_ms: u64) -> Result<ConnId, ConntrackError> {
+    pub fn insert(
+        &mut self,
+        conn: NewConn,
+        flags: TcpFlags,
+        now_ms: u64,
+    ) -> Result<ConnId, ConntrackError> {
         let state = match TcpInput::classify(flags) {
-            Some(input) => ConnState::None.step(Dir::FromClient, conn.method.is_input_only(), input),
+            Some(input) => {
+                ConnState::None.step(Dir::FromClient, conn.method.is_input_only(), input)
+            }
             None => ConnState::None,
         };
         self.insert_with_state(conn, state, now_ms)
@@ -811,7 +827,13 @@ impl ConnTable {
 
     /// Accounts a packet of an existing entry: steps its TCP state (see
     /// [`ConnState::step`]) and refreshes its expiry. `None` if `id` is stale.
-    pub fn update(&mut self, id: ConnId, dir: Dir, flags: TcpFlags, now_ms: u64) -> Option<Transition> {
+    pub fn update(
+        &mut self,
+        id: ConnId,
+        dir: Dir,
+        flags: TcpFlags,
+        now_ms: u64,
+    ) -> Option<Transition> {
         let now = self.advance_clock(now_ms);
         let index = id.index;
         let slot = self.slots.get_mut(index as usize)?;

@@ -79,7 +79,11 @@ impl ControlServer {
         let path = path.as_ref().to_path_buf();
         let setup_err = |action: &'static str| {
             let path = path.clone();
-            move |source| Error::ControlSocketSetup { path, action, source }
+            move |source| Error::ControlSocketSetup {
+                path,
+                action,
+                source,
+            }
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -119,7 +123,8 @@ impl ControlServer {
         let listener = UnixListener::bind(&path).map_err(setup_err("bind"))?;
         // The parent is 0700 when we created it, so the window between bind
         // and chmod is not reachable by others in that case.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(setup_err("set mode 0600"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(setup_err("set mode 0600"))?;
         tracing::info!(path = %path.display(), "control socket listening");
         Ok(ControlServer { listener, path })
     }
@@ -170,7 +175,11 @@ impl Drop for ControlServer {
 
 /// Binds `path` and serves it until `shutdown` completes: the one-call form
 /// of [`ControlServer::bind`] + [`ControlServer::serve`].
-pub async fn serve(path: impl AsRef<Path>, stats: Arc<Stats>, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    path: impl AsRef<Path>,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     ControlServer::bind(path)?.serve(stats, shutdown).await
 }
 
@@ -199,7 +208,9 @@ async fn serve_client(stream: UnixStream, stats: &Stats) -> std::io::Result<()> 
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(request) => handle(request, stats),
-                Err(e) => Response::Error { error: e.to_string() },
+                Err(e) => Response::Error {
+                    error: e.to_string(),
+                },
             }
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
@@ -218,23 +229,30 @@ pub fn request(path: impl AsRef<Path>, request: &Request, timeout: Duration) -> 
         path: path.to_path_buf(),
         source,
     };
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| Error::ControlConnect {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| Error::ControlConnect {
+            path: path.to_path_buf(),
+            source,
+        })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    let mut line = serde_json::to_vec(request).map_err(|e| Error::ControlProtocol { message: e.to_string() })?;
+    let mut line = serde_json::to_vec(request).map_err(|e| Error::ControlProtocol {
+        message: e.to_string(),
+    })?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).map_err(io_err)?;
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(io_err)?;
     if reply.is_empty() {
         return Err(Error::ControlProtocol {
             message: "the server closed the connection without answering".to_owned(),
         });
     }
-    serde_json::from_str(&reply).map_err(|e| Error::ControlProtocol { message: e.to_string() })
+    serde_json::from_str(&reply).map_err(|e| Error::ControlProtocol {
+        message: e.to_string(),
+    })
 }
 
 /// `{"cmd":"status"}`: the node's counters.

@@ -41,9 +41,12 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
 /// The MAC address of a local interface.
 pub fn interface_mac(ifname: &str) -> io::Result<MacAddr> {
     let s = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))?;
-    s.trim()
-        .parse::<MacAddr>()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad MAC of {ifname}: {s}")))
+    s.trim().parse::<MacAddr>().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad MAC of {ifname}: {s}"),
+        )
+    })
 }
 
 /// The IPv4 addresses on a local interface.
@@ -114,12 +117,15 @@ fn dataplane_loop(
             engine.housekeeping(now_ms, &mut sinks);
             next_hk = now_ms + hk_ms;
         }
-        let mut n = front_rx.recv_batch(BATCH, &mut |f, m| engine.on_front(f, m, now_ms, &mut sinks));
+        let mut n =
+            front_rx.recv_batch(BATCH, &mut |f, m| engine.on_front(f, m, now_ms, &mut sinks));
         n += back_rx.recv_batch(BATCH, &mut |f, m| engine.on_back(f, m, now_ms, &mut sinks));
         let _ = front_tx.flush();
         let _ = back_tx.flush();
         if n == 0 {
-            let wait = next_hk.saturating_sub(t0.elapsed().as_millis() as u64).clamp(1, 100) as libc::c_int;
+            let wait = next_hk
+                .saturating_sub(t0.elapsed().as_millis() as u64)
+                .clamp(1, 100) as libc::c_int;
             // SAFETY: fds is a valid array of pollfd for the call.
             unsafe {
                 libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait);
@@ -157,14 +163,19 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
                 });
             }
         }
-        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{}/rp_filter", node.local_tun), "0");
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/rp_filter", node.local_tun),
+            "0",
+        );
         Some(t)
     } else {
         None
     };
-    let front_mac = interface_mac(&node.front).map_err(io_err(format!("front NIC {}", node.front)))?;
+    let front_mac =
+        interface_mac(&node.front).map_err(io_err(format!("front NIC {}", node.front)))?;
     let back_mac = interface_mac(&node.back).map_err(io_err(format!("back NIC {}", node.back)))?;
-    let back_local = interface_addrs(&node.back).map_err(io_err(format!("addresses of {}", node.back)))?;
+    let back_local =
+        interface_addrs(&node.back).map_err(io_err(format!("addresses of {}", node.back)))?;
     let ifs = Interfaces {
         front_mac,
         back_mac,
@@ -173,17 +184,25 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
     };
     let stats = Arc::new(Stats::new(config));
     let engine = Engine::new(config, ifs, back_local, stats.clone())?;
-    let front_rx = RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
-    let back_rx = RxRing::open(&node.back, 4096).map_err(io_err(format!("RX ring on {}", node.back)))?;
-    let front_tx = TxRing::open(&node.front, 2048).map_err(io_err(format!("TX ring on {}", node.front)))?;
-    let back_tx = TxRing::open(&node.back, 2048).map_err(io_err(format!("TX ring on {}", node.back)))?;
+    let front_rx =
+        RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
+    let back_rx =
+        RxRing::open(&node.back, 4096).map_err(io_err(format!("RX ring on {}", node.back)))?;
+    let front_tx =
+        TxRing::open(&node.front, 2048).map_err(io_err(format!("TX ring on {}", node.front)))?;
+    let back_tx =
+        TxRing::open(&node.back, 2048).map_err(io_err(format!("TX ring on {}", node.back)))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let hk = config.conntrack.expire_interval;
     let dp_stop = stop.clone();
     let dp = std::thread::Builder::new()
         .name("dataplane".into())
-        .spawn(move || dataplane_loop(engine, front_rx, back_rx, front_tx, back_tx, tun, hk, dp_stop))
+        .spawn(move || {
+            dataplane_loop(
+                engine, front_rx, back_rx, front_tx, back_tx, tun, hk, dp_stop,
+            )
+        })
         .map_err(io_err("spawning the dataplane thread"))?;
     tracing::info!(node = %node.name, front = %node.front, back = %node.back, services = config.services.len(), "dataplane running");
 
@@ -194,13 +213,14 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
     let served = rt.block_on(async {
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot catch SIGTERM");
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot catch SIGTERM");
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),

@@ -200,7 +200,12 @@ impl Scheduler for Wrr {
             self.state.resize(backends.len(), WrrPeer::default());
         }
         let effective = |b: &BackendView| if b.is_eligible() { b.weight } else { 0 };
-        if self.state.iter().zip(backends).any(|(p, b)| p.weight != effective(b)) {
+        if self
+            .state
+            .iter()
+            .zip(backends)
+            .any(|(p, b)| p.weight != effective(b))
+        {
             for (p, b) in self.state.iter_mut().zip(backends) {
                 *p = WrrPeer {
                     current: 0,
@@ -259,7 +264,9 @@ mod tests {
     }
 
     fn picks(s: &mut dyn Scheduler, b: &[BackendView], n: usize) -> Vec<usize> {
-        (0..n).map(|i| s.pick(b, i as u64).expect("eligible backend")).collect()
+        (0..n)
+            .map(|i| s.pick(b, i as u64).expect("eligible backend"))
+            .collect()
     }
 
     fn counts(s: &mut dyn Scheduler, b: &[BackendView], n: usize) -> Vec<usize> {
@@ -272,7 +279,10 @@ mod tests {
 
     /// Longest run of the same backend in a sequence.
     fn longest_run(seq: &[usize]) -> usize {
-        seq.chunk_by(|a, b| a == b).map(<[usize]>::len).max().unwrap_or(0)
+        seq.chunk_by(|a, b| a == b)
+            .map(<[usize]>::len)
+            .max()
+            .unwrap_or(0)
     }
 
     #[test]
@@ -282,7 +292,10 @@ mod tests {
             assert_eq!(k.to_string(), k.name());
             assert_eq!(k.build().kind(), k);
         }
-        assert_eq!("WRR".parse::<SchedulerKind>(), Err(UnknownScheduler("WRR".into())));
+        assert_eq!(
+            "WRR".parse::<SchedulerKind>(),
+            Err(UnknownScheduler("WRR".into()))
+        );
         #[derive(Deserialize)]
         struct Svc {
             scheduler: SchedulerKind,
@@ -354,12 +367,18 @@ mod tests {
     #[test]
     fn wrr_exact_sequences() {
         let mut s = Wrr::new();
-        assert_eq!(picks(&mut s, &[up(5), up(1)], 12), [0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(
+            picks(&mut s, &[up(5), up(1)], 12),
+            [0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]
+        );
         let mut s = Wrr::new();
         assert_eq!(picks(&mut s, &[up(1), up(2), up(3)], 6), [2, 1, 0, 2, 1, 2]);
         let mut s = Wrr::new();
         // nginx's own example: weights 5, 1, 1 -> a a b a c a a
-        assert_eq!(picks(&mut s, &[up(5), up(1), up(1)], 7), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(
+            picks(&mut s, &[up(5), up(1), up(1)], 7),
+            [0, 0, 1, 0, 2, 0, 0]
+        );
         let mut s = Wrr::new();
         assert_eq!(picks(&mut s, &[up(1), up(1), up(1)], 4), [0, 1, 2, 0]);
         let mut s = Wrr::new();
@@ -475,7 +494,10 @@ mod tests {
         let mut s = Wrr::new();
         picks(&mut s, &[up(1), up(2), up(3)], 4);
         assert_eq!(picks(&mut s, &[up(2), up(1)], 3), [0, 1, 0]);
-        assert_eq!(counts(&mut s, &[up(1), up(1), up(1), up(1)], 8), [2, 2, 2, 2]);
+        assert_eq!(
+            counts(&mut s, &[up(1), up(1), up(1), up(1)], 8),
+            [2, 2, 2, 2]
+        );
         s.reset();
         assert_eq!(picks(&mut s, &[up(5), up(1)], 4), [0, 0, 0, 1]);
     }

@@ -90,7 +90,11 @@ impl System for Host {
         })?;
         let mut child = Command::new(program)
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -99,10 +103,11 @@ impl System for Host {
                 source,
             })?;
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes()).map_err(|source| Error::CommandSpawn {
-                command: command.clone(),
-                source,
-            })?;
+            pipe.write_all(text.as_bytes())
+                .map_err(|source| Error::CommandSpawn {
+                    command: command.clone(),
+                    source,
+                })?;
         }
         let out = child
             .wait_with_output()
@@ -152,7 +157,9 @@ pub struct Sysctl {
 impl Sysctl {
     fn conf(device: &str, name: &str) -> Sysctl {
         Sysctl {
-            parts: ["net", "ipv4", "conf", device, name].map(str::to_owned).to_vec(),
+            parts: ["net", "ipv4", "conf", device, name]
+                .map(str::to_owned)
+                .to_vec(),
         }
     }
 
@@ -224,7 +231,9 @@ impl Step {
         match self {
             Step::Sysctl { why, .. } => (*why).to_owned(),
             Step::NftTable { name, .. } => {
-                format!("kernel filters (table netdev {name}): the kernel never acts on the dataplane's traffic")
+                format!(
+                    "kernel filters (table netdev {name}): the kernel never acts on the dataplane's traffic"
+                )
             }
             Step::Address { why, .. } => (*why).to_owned(),
         }
@@ -237,7 +246,9 @@ impl Step {
             Step::NftTable { name, ruleset, .. } => {
                 format!("nft -f - <<'EOF'\n{}EOF", nft_script(name, ruleset))
             }
-            Step::Address { dev, addr, label, .. } => format!("ip addr add {addr} dev {dev} label {label}"),
+            Step::Address {
+                dev, addr, label, ..
+            } => format!("ip addr add {addr} dev {dev} label {label}"),
         }
     }
 
@@ -301,10 +312,11 @@ impl Step {
                     key: key.name(),
                     source,
                 })?;
-                sys.write_sysctl(&path, value).map_err(|source| Error::Sysctl {
-                    key: key.name(),
-                    source,
-                })?;
+                sys.write_sysctl(&path, value)
+                    .map_err(|source| Error::Sysctl {
+                        key: key.name(),
+                        source,
+                    })?;
                 Ok(Change::SetSysctl {
                     key: key.clone(),
                     previous,
@@ -319,9 +331,15 @@ impl Step {
                     previous,
                 })
             }
-            Step::Address { dev, addr, label, .. } => {
+            Step::Address {
+                dev, addr, label, ..
+            } => {
                 let a = addr.to_string();
-                run_ok(sys, &["ip", "addr", "add", &a, "dev", dev, "label", label], None)?;
+                run_ok(
+                    sys,
+                    &["ip", "addr", "add", &a, "dev", dev, "label", label],
+                    None,
+                )?;
                 Ok(Change::AddedAddress {
                     dev: dev.clone(),
                     addr: *addr,
@@ -408,7 +426,12 @@ fn parse_ip_addr_json(text: &str) -> std::result::Result<Vec<(Ipv4Net, String)>,
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let mut found = Vec::new();
     for link in value.as_array().into_iter().flatten() {
-        for info in link.get("addr_info").and_then(|a| a.as_array()).into_iter().flatten() {
+        for info in link
+            .get("addr_info")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+        {
             if info.get("family").and_then(|f| f.as_str()) != Some("inet") {
                 continue;
             }
@@ -421,7 +444,11 @@ fn parse_ip_addr_json(text: &str) -> std::result::Result<Vec<(Ipv4Net, String)>,
                 .ok()
                 .and_then(|p| Ipv4Net::new(addr, p).ok())
                 .ok_or_else(|| format!("bad prefix length {prefix}"))?;
-            let label = info.get("label").and_then(|l| l.as_str()).unwrap_or("").to_owned();
+            let label = info
+                .get("label")
+                .and_then(|l| l.as_str())
+                .unwrap_or("")
+                .to_owned();
             found.push((net, label));
         }
     }
@@ -456,7 +483,10 @@ impl Change {
     pub fn undo_command(&self) -> String {
         match self {
             Change::SetSysctl { key, previous, .. } => format!("sysctl -w {key}={previous}"),
-            Change::CreatedTable { name, previous: None } => format!("nft delete table netdev {name}"),
+            Change::CreatedTable {
+                name,
+                previous: None,
+            } => format!("nft delete table netdev {name}"),
             Change::CreatedTable {
                 name,
                 previous: Some(_),
@@ -469,12 +499,12 @@ impl Change {
 
     fn undo(&self, sys: &dyn System) -> Result<()> {
         match self {
-            Change::SetSysctl { key, previous, .. } => {
-                sys.write_sysctl(&key.path(), previous).map_err(|source| Error::Sysctl {
+            Change::SetSysctl { key, previous, .. } => sys
+                .write_sysctl(&key.path(), previous)
+                .map_err(|source| Error::Sysctl {
                     key: key.name(),
                     source,
-                })
-            }
+                }),
             Change::CreatedTable { name, previous } => {
                 let script = nft_script(name, previous.as_deref().unwrap_or(""));
                 run_ok(sys, &["nft", "-f", "-"], Some(&script)).map(drop)
@@ -504,8 +534,15 @@ impl Change {
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Change::SetSysctl { key, previous, value } => write!(f, "{key}: {previous} -> {value}"),
-            Change::CreatedTable { name, previous: None } => write!(f, "table netdev {name} created"),
+            Change::SetSysctl {
+                key,
+                previous,
+                value,
+            } => write!(f, "{key}: {previous} -> {value}"),
+            Change::CreatedTable {
+                name,
+                previous: None,
+            } => write!(f, "table netdev {name} created"),
             Change::CreatedTable {
                 name,
                 previous: Some(_),
@@ -555,10 +592,13 @@ impl Applied {
         for change in later.changes {
             let known = self.changes.iter().any(|c| match (c, &change) {
                 (Change::SetSysctl { key: a, .. }, Change::SetSysctl { key: b, .. }) => a == b,
-                (Change::CreatedTable { name: a, .. }, Change::CreatedTable { name: b, .. }) => a == b,
-                (Change::AddedAddress { dev: d1, addr: a1 }, Change::AddedAddress { dev: d2, addr: a2 }) => {
-                    d1 == d2 && a1 == a2
+                (Change::CreatedTable { name: a, .. }, Change::CreatedTable { name: b, .. }) => {
+                    a == b
                 }
+                (
+                    Change::AddedAddress { dev: d1, addr: a1 },
+                    Change::AddedAddress { dev: d2, addr: a2 },
+                ) => d1 == d2 && a1 == a2,
                 _ => false,
             });
             if !known {
@@ -622,7 +662,11 @@ impl Plan {
             },
         ];
         let name = format!("balancer_{}", n.name);
-        let vip_set = vips.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(", ");
+        let vip_set = vips
+            .iter()
+            .map(Ipv4Addr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let body = format!(
             "\tchain front_ingress {{\n\
              \t\ttype filter hook ingress device \"{front}\" priority 0; policy accept;\n\
@@ -638,8 +682,15 @@ impl Plan {
             back = n.back,
         );
         let digest = format!("{:016x}", fnv1a64(&format!("{name}\n{body}")));
-        let ruleset = format!("table netdev {name} {{\n\t{}\n{body}}}\n", digest_comment(&digest));
-        steps.push(Step::NftTable { name, ruleset, digest });
+        let ruleset = format!(
+            "table netdev {name} {{\n\t{}\n{body}}}\n",
+            digest_comment(&digest)
+        );
+        steps.push(Step::NftTable {
+            name,
+            ruleset,
+            digest,
+        });
         for (i, vip) in vips.iter().enumerate() {
             steps.push(Step::Address {
                 dev: n.front.clone(),
@@ -795,12 +846,18 @@ mod tests {
         fn new(devices: &[&str]) -> FakeHost {
             let host = FakeHost::default();
             for dev in devices.iter().chain(["all", "default"].iter()) {
-                for (name, value) in [("arp_ignore", "0"), ("arp_announce", "0"), ("rp_filter", "2")] {
+                for (name, value) in [
+                    ("arp_ignore", "0"),
+                    ("arp_announce", "0"),
+                    ("rp_filter", "2"),
+                ] {
                     host.sysctls
                         .borrow_mut()
                         .insert(Sysctl::conf(dev, name).path(), value.to_owned());
                 }
-                host.addrs.borrow_mut().insert((*dev).to_owned(), Vec::new());
+                host.addrs
+                    .borrow_mut()
+                    .insert((*dev).to_owned(), Vec::new());
             }
             host
         }
@@ -836,7 +893,11 @@ mod tests {
         fn run(&self, argv: &[&str], stdin: Option<&str>) -> Result<CommandOutput> {
             self.commands.borrow_mut().push(argv.join(" "));
             match argv {
-                ["ip", "-j", "-4", "addr", "show", "dev", dev] => match self.addrs.borrow().get(*dev) {
+                ["ip", "-j", "-4", "addr", "show", "dev", dev] => match self
+                    .addrs
+                    .borrow()
+                    .get(*dev)
+                {
                     None => fail("Device does not exist."),
                     Some(list) => {
                         let infos: Vec<serde_json::Value> = list
@@ -873,10 +934,12 @@ mod tests {
                     Some(text) => ok(text.clone()),
                     None => fail("Error: No such file or directory"),
                 },
-                ["nft", "delete", "table", "netdev", name] => match self.tables.borrow_mut().remove(*name) {
-                    Some(_) => ok(String::new()),
-                    None => fail("Error: No such file or directory"),
-                },
+                ["nft", "delete", "table", "netdev", name] => {
+                    match self.tables.borrow_mut().remove(*name) {
+                        Some(_) => ok(String::new()),
+                        None => fail("Error: No such file or directory"),
+                    }
+                }
                 ["nft", "-f", "-"] => {
                     // `table X` / `delete table X` / optional new table text.
                     let text = stdin.unwrap_or("");
@@ -979,7 +1042,10 @@ forward = "nat"
     fn sysctl_name_writes_a_dot_in_a_device_name_as_slash() {
         let key = Sysctl::conf("eth0.5", "rp_filter");
         assert_eq!(key.name(), "net.ipv4.conf.eth0/5.rp_filter");
-        assert_eq!(key.path(), PathBuf::from("/proc/sys/net/ipv4/conf/eth0.5/rp_filter"));
+        assert_eq!(
+            key.path(),
+            PathBuf::from("/proc/sys/net/ipv4/conf/eth0.5/rp_filter")
+        );
     }
 
     #[test]
@@ -992,7 +1058,11 @@ forward = "nat"
         let plan = Plan::for_config(&config());
         let states = plan.check_on(&host).expect("check");
         assert_eq!(states[0], StepState::InEffect);
-        assert!(matches!(states[3], StepState::Deferred { .. }), "{:?}", states[3]);
+        assert!(
+            matches!(states[3], StepState::Deferred { .. }),
+            "{:?}",
+            states[3]
+        );
 
         let applied = plan.apply_on(&host).expect("apply");
         let shown: Vec<String> = applied.changes.iter().map(ToString::to_string).collect();
@@ -1031,7 +1101,10 @@ forward = "nat"
             .insert(Sysctl::conf("lbtun0", "rp_filter").path(), "1".to_owned());
         let second = plan.apply_on(&host).expect("apply after run made the TUN");
         assert_eq!(second.changes.len(), 1);
-        assert_eq!(second.changes[0].to_string(), "net.ipv4.conf.lbtun0.rp_filter: 1 -> 0");
+        assert_eq!(
+            second.changes[0].to_string(),
+            "net.ipv4.conf.lbtun0.rp_filter: 1 -> 0"
+        );
         second.undo_on(&host).expect("undo");
         first.undo_on(&host).expect("undo");
     }
@@ -1051,7 +1124,10 @@ forward = "nat"
             StepState::Missing { current: Some(_) }
         ));
         let applied = plan.apply_on(&host).expect("apply");
-        assert_eq!(applied.changes[0].to_string(), "table netdev balancer_lb1 replaced");
+        assert_eq!(
+            applied.changes[0].to_string(),
+            "table netdev balancer_lb1 replaced"
+        );
         applied.undo_on(&host).expect("undo");
         assert_eq!(host.tables.borrow().get("balancer_lb1").cloned(), old_text);
     }
@@ -1090,7 +1166,10 @@ forward = "nat"
         // With the record, the sysctls come back too.
         plan.apply_on(&host).expect("apply again");
         plan.undo_on(&host, &applied).expect("undo with record");
-        assert_eq!(host.snapshot(), FakeHost::new(&["front0", "back0"]).snapshot());
+        assert_eq!(
+            host.snapshot(),
+            FakeHost::new(&["front0", "back0"]).snapshot()
+        );
     }
 
     #[test]
@@ -1111,13 +1190,18 @@ forward = "nat"
             }],
         });
         assert_eq!(record.changes.len(), 1);
-        assert!(matches!(&record.changes[0], Change::SetSysctl { previous, .. } if previous == "2"));
+        assert!(
+            matches!(&record.changes[0], Change::SetSysctl { previous, .. } if previous == "2")
+        );
     }
 
     #[test]
     fn parses_ip_json_addresses_and_labels() {
         let text = r#"[{"ifindex":3,"ifname":"d0","addr_info":[{"family":"inet","local":"198.19.0.1","prefixlen":24,"scope":"global","label":"d0:0"},{"family":"inet6","local":"fe80::1","prefixlen":64}]}]"#;
         let found = parse_ip_addr_json(text).expect("parses");
-        assert_eq!(found, [("198.19.0.1/24".parse().expect("net"), "d0:0".to_owned())]);
+        assert_eq!(
+            found,
+            [("198.19.0.1/24".parse().expect("net"), "d0:0".to_owned())]
+        );
     }
 }

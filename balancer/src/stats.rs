@@ -493,7 +493,13 @@ impl StatusSnapshot {
             write!(
                 out,
                 " {:>10} {:>9} {:>10} {:>10} {:>10} {:>12} {:>12}",
-                c.conns_active, c.conns_inactive, c.conns_total, c.pkts_in, c.pkts_out, c.bytes_in, c.bytes_out
+                c.conns_active,
+                c.conns_inactive,
+                c.conns_total,
+                c.pkts_in,
+                c.pkts_out,
+                c.bytes_in,
+                c.bytes_out
             )
         }
         writeln!(out, "balancer node {}", self.node)?;
@@ -530,7 +536,13 @@ impl StatusSnapshot {
                     Some(a) => format!("{a}:{}", b.port),
                     None => format!("local:{}", b.port),
                 };
-                write!(out, "  -> {:<24} {:<7} {:>6}", remote, b.forward.ipvs_name(), b.weight)?;
+                write!(
+                    out,
+                    "  -> {:<24} {:<7} {:>6}",
+                    remote,
+                    b.forward.ipvs_name(),
+                    b.weight
+                )?;
                 counters(out, &b.counters)?;
                 writeln!(out, "  {}", b.name)?;
             }
@@ -544,7 +556,11 @@ impl StatusSnapshot {
         }
         writeln!(out)?;
         writeln!(out, "Drops{}", if all_drops { "" } else { " (non-zero)" })?;
-        let shown: Vec<&DropCount> = self.drops.iter().filter(|d| all_drops || d.count != 0).collect();
+        let shown: Vec<&DropCount> = self
+            .drops
+            .iter()
+            .filter(|d| all_drops || d.count != 0)
+            .collect();
         if shown.is_empty() {
             writeln!(out, "  none")?;
         }
@@ -552,7 +568,11 @@ impl StatusSnapshot {
             writeln!(out, "  {:<20} {:>12}", d.reason, d.count)?;
         }
         writeln!(out)?;
-        writeln!(out, "Frames       {:<16} {:>12} {:>12}", "Device", "Received", "Sent")?;
+        writeln!(
+            out,
+            "Frames       {:<16} {:>12} {:>12}",
+            "Device", "Received", "Sent"
+        )?;
         for n in &self.nics {
             writeln!(
                 out,
@@ -742,7 +762,12 @@ forward = "dr"
         let snap = s.snapshot();
         assert_eq!(snap.services[1].no_backend, 1);
         assert_eq!(snap.services[0].conn_table_full, 2);
-        let drop = |name: &str| snap.drops.iter().find(|d| d.reason == name).map(|d| d.count);
+        let drop = |name: &str| {
+            snap.drops
+                .iter()
+                .find(|d| d.reason == name)
+                .map(|d| d.count)
+        };
         assert_eq!(drop("no_backend"), Some(1));
         assert_eq!(drop("table_full"), Some(2));
         assert_eq!(drop("runt"), Some(1));

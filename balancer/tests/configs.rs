@@ -23,7 +23,11 @@ fn example_files() -> Vec<PathBuf> {
 #[test]
 fn every_example_config_validates() {
     let files = example_files();
-    assert!(!files.is_empty(), "no *.toml in {}", configs_dir().display());
+    assert!(
+        !files.is_empty(),
+        "no *.toml in {}",
+        configs_dir().display()
+    );
     let mut failures = Vec::new();
     for file in &files {
         match Config::load(file) {
@@ -31,13 +35,18 @@ fn every_example_config_validates() {
             Err(e) => failures.push(e.to_string()),
         }
     }
-    assert!(failures.is_empty(), "invalid example configs:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "invalid example configs:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn the_three_single_node_examples_exist_with_their_modes() {
     use balancer::config::Forward;
-    let load = |name: &str| Config::load(configs_dir().join(name)).unwrap_or_else(|e| panic!("{e}"));
+    let load =
+        |name: &str| Config::load(configs_dir().join(name)).unwrap_or_else(|e| panic!("{e}"));
     let methods = |c: &Config| {
         let mut m: Vec<Forward> = c
             .services
@@ -50,10 +59,16 @@ fn the_three_single_node_examples_exist_with_their_modes() {
     };
     assert_eq!(methods(&load("single-nat.toml")), [Forward::Nat]);
     assert_eq!(methods(&load("single-dr.toml")), [Forward::Dr]);
-    assert_eq!(methods(&load("single-mixed.toml")), [Forward::Local, Forward::Nat]);
+    assert_eq!(
+        methods(&load("single-mixed.toml")),
+        [Forward::Local, Forward::Nat]
+    );
     for name in ["single-nat.toml", "single-dr.toml", "single-mixed.toml"] {
         let c = load(name);
-        assert_eq!(c.vips(), ["198.18.0.100".parse::<std::net::Ipv4Addr>().expect("ip")]);
+        assert_eq!(
+            c.vips(),
+            ["198.18.0.100".parse::<std::net::Ipv4Addr>().expect("ip")]
+        );
         assert_eq!(c.node.back_gateway.to_string(), "198.19.0.1/24");
     }
 }

@@ -39,7 +39,8 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("balancer-{test}-{}-{nanos}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("balancer-{test}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
     }
@@ -52,7 +53,9 @@ impl Drop for TempDir {
 }
 
 fn stats() -> Arc<Stats> {
-    Arc::new(Stats::new(&Config::parse(CONFIG, "test.toml").expect("valid config")))
+    Arc::new(Stats::new(
+        &Config::parse(CONFIG, "test.toml").expect("valid config"),
+    ))
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,7 +71,10 @@ async fn status_round_trip_returns_the_live_counters() {
     stats.record_drop(DropReason::Fragment);
 
     let server = ControlServer::bind(&path).expect("bind");
-    let mode = std::fs::metadata(&path).expect("socket exists").permissions().mode();
+    let mode = std::fs::metadata(&path)
+        .expect("socket exists")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(Arc::clone(&stats), async {
@@ -152,7 +158,10 @@ async fn stale_socket_is_replaced_and_live_one_refused() {
     assert!(!path.exists());
 
     std::fs::write(&path, b"not a socket").expect("write file");
-    assert!(ControlServer::bind(&path).is_err(), "a regular file is never deleted");
+    assert!(
+        ControlServer::bind(&path).is_err(),
+        "a regular file is never deleted"
+    );
     assert!(path.exists());
 }
 

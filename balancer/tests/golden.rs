@@ -51,8 +51,14 @@ fn example_configs() -> Vec<PathBuf> {
 fn setup_plan_of_every_example_config_matches_its_golden_text() {
     for file in example_configs() {
         let config = Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
-        let stem = file.file_stem().and_then(|s| s.to_str()).expect("utf-8 name");
-        assert_golden(&format!("setup-{stem}.txt"), &Plan::for_config(&config).to_string());
+        let stem = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 name");
+        assert_golden(
+            &format!("setup-{stem}.txt"),
+            &Plan::for_config(&config).to_string(),
+        );
     }
 }
 
@@ -88,7 +94,9 @@ fn status_table_matches_its_golden_text() {
         .nic(Nic::Back)
         .tx_frames
         .fetch_add(1100, std::sync::atomic::Ordering::Relaxed);
-    stats.arp_replies.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+    stats
+        .arp_replies
+        .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
 
     let snapshot = stats.snapshot();
     assert_golden("status.txt", &snapshot.render(false));

@@ -32,7 +32,8 @@ pub struct HttpConn {
 
 impl HttpConn {
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<HttpConn> {
-        let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+        let stream = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect {addr}"))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
@@ -102,13 +103,19 @@ pub fn http_get(addr: SocketAddr, size: usize, timeout: Duration) -> Result<Repl
 
 /// One UDP request/response; returns the responder's name, the peer it saw,
 /// and whether it echoed our payload.
-pub fn udp_request(addr: SocketAddr, payload: &[u8], timeout: Duration) -> Result<(String, String, bool)> {
+pub fn udp_request(
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(String, String, bool)> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_read_timeout(Some(timeout))?;
     s.connect(addr)?;
     s.send(payload)?;
     let mut buf = vec![0u8; 65536];
-    let n = s.recv(&mut buf).with_context(|| format!("no UDP answer from {addr}"))?;
+    let n = s
+        .recv(&mut buf)
+        .with_context(|| format!("no UDP answer from {addr}"))?;
     let text = &buf[..n];
     let mut parts = text.splitn(3, |b| *b == b' ');
     let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();

@@ -65,7 +65,9 @@ pub struct SingleNode {
 }
 
 fn wire_like(h: &Host, ifname: &str, offload: bool) -> Result<()> {
-    h.run(&["ethtool", "-K", ifname, "tso", "off", "gso", "off", "gro", "off"])?;
+    h.run(&[
+        "ethtool", "-K", ifname, "tso", "off", "gso", "off", "gro", "off",
+    ])?;
     if !offload {
         h.run(&["ethtool", "-K", ifname, "tx", "off"])?;
     }
@@ -104,7 +106,14 @@ impl SingleNode {
                 h.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
                 h.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
                 h.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-                h.run(&["ip", "route", "add", "default", "via", &RTR_BACK.to_string()])?;
+                h.run(&[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &RTR_BACK.to_string(),
+                ])?;
             } else {
                 h.run(&["ip", "route", "add", "default", "via", &GATEWAY.to_string()])?;
             }
@@ -187,7 +196,12 @@ impl SingleNode {
         let sock = self.control_socket();
         let _ = std::fs::remove_file(&sock);
         let mut p = self.lb.spawn_logged(
-            &[&bin.to_string_lossy(), "run", "-c", &config.to_string_lossy()],
+            &[
+                &bin.to_string_lossy(),
+                "run",
+                "-c",
+                &config.to_string_lossy(),
+            ],
             Some(&self.dir().join("balancer.log")),
         )?;
         if !wait_until(Duration::from_secs(10), &mut || sock.exists()) {
@@ -220,7 +234,9 @@ impl SingleNode {
 pub fn wait_listening(host: &Host, port: u16) -> Result<()> {
     let pat = format!(":{port} ");
     if wait_until(Duration::from_secs(5), &mut || {
-        host.run(&["ss", "-Hltn"]).map(|s| s.contains(&pat)).unwrap_or(false)
+        host.run(&["ss", "-Hltn"])
+            .map(|s| s.contains(&pat))
+            .unwrap_or(false)
     }) {
         Ok(())
     } else {

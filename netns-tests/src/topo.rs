@@ -71,7 +71,10 @@ pub fn sweep_stale() {
 
 fn kill_all_in(ns: &str) {
     if let Ok(pids) = ip(&["netns", "pids", ns]) {
-        for p in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for p in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
     }
@@ -141,7 +144,8 @@ impl Host {
     /// unless it exits 0. Returns its stdout.
     pub fn run(&self, argv: &[&str]) -> Result<String> {
         let (prog, args) = argv.split_first().context("empty command")?;
-        run_cmd(self.command(prog).args(args)).with_context(|| format!("in namespace {} ({})", self.ns(), self.role))
+        run_cmd(self.command(prog).args(args))
+            .with_context(|| format!("in namespace {} ({})", self.ns(), self.role))
     }
 
     /// Runs a command and returns its full output whatever its exit status.
@@ -152,7 +156,8 @@ impl Host {
 
     /// Writes a sysctl inside the namespace (`net.ipv4.conf.all.rp_filter`).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.run(&["sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+        self.run(&["sysctl", "-qw", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Starts a long-running process in the namespace. Its stdout and stderr
@@ -167,7 +172,8 @@ impl Host {
         cmd.args(args).stdin(Stdio::null());
         match log {
             Some(path) => {
-                let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                let f = std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
                 cmd.stdout(f.try_clone()?).stderr(f);
             }
             None => {
@@ -367,8 +373,16 @@ impl Testbed {
             "0",
         ])?;
         // Forward multicast (VRRP, cluster MAC) without IGMP snooping getting in the way.
-        self.sw
-            .run(&["ip", "link", "set", &br, "type", "bridge", "mcast_snooping", "0"])?;
+        self.sw.run(&[
+            "ip",
+            "link",
+            "set",
+            &br,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         self.sw.run(&["ip", "link", "set", &br, "up"])?;
         Ok(Bridge { name: br })
     }
@@ -389,11 +403,14 @@ impl Testbed {
         let port = format!("p{n}");
         let tmp = format!("t{}x{n}", std::process::id() % 100_000);
         // Create the pair inside the switch namespace, then move one end.
+        self.sw.run(&[
+            "ip", "link", "add", &port, "type", "veth", "peer", "name", &tmp,
+        ])?;
         self.sw
-            .run(&["ip", "link", "add", &port, "type", "veth", "peer", "name", &tmp])?;
-        self.sw.run(&["ip", "link", "set", &tmp, "netns", host.ns()])?;
+            .run(&["ip", "link", "set", &tmp, "netns", host.ns()])?;
         host.run(&["ip", "link", "set", &tmp, "name", ifname])?;
-        self.sw.run(&["ip", "link", "set", &port, "master", &bridge.name])?;
+        self.sw
+            .run(&["ip", "link", "set", &port, "master", &bridge.name])?;
         self.sw.run(&["ip", "link", "set", &port, "up"])?;
         for a in addrs {
             host.run(&["ip", "addr", "add", a, "dev", ifname])?;
@@ -422,7 +439,9 @@ impl Testbed {
     /// link up, as when a cable beyond the NIC fails or a switch port dies).
     pub fn cut(&self, host: &Host, ifname: &str) -> Result<()> {
         let port = self.port_of(host, ifname)?;
-        self.sw.run(&["ip", "link", "set", &port, "down"]).map(|_| ())
+        self.sw
+            .run(&["ip", "link", "set", &port, "down"])
+            .map(|_| ())
     }
 
     /// Restores a link cut with [`Testbed::cut`].
@@ -463,7 +482,10 @@ impl Drop for Testbed {
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
-    let mut dir = exe.parent().context("test exe has no parent")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("test exe has no parent")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -500,7 +522,11 @@ mod tests {
             tb.heal(&b, "eth0")?;
             a.run(&["ping", "-c1", "-W2", "198.18.0.2"])?;
             let _sleeper = b.spawn(&["sleep", "30"])?;
-            names = vec![a.ns().to_string(), b.ns().to_string(), tb.switch().ns().to_string()];
+            names = vec![
+                a.ns().to_string(),
+                b.ns().to_string(),
+                tb.switch().ns().to_string(),
+            ];
         }
         let list = ip(&["netns", "list"])?;
         for n in names {
@@ -518,7 +544,8 @@ impl Host {
         let path = format!("/var/run/netns/{}", self.ns());
         let h = std::thread::spawn(move || -> Result<T> {
             let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {path}"))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
             Ok(f())
         });
         h.join()
@@ -533,7 +560,8 @@ impl Host {
         let path = format!("/var/run/netns/{}", self.ns());
         std::thread::spawn(move || -> Result<T> {
             let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {path}"))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
             Ok(f())
         })
     }

@@ -14,7 +14,11 @@ use netns_tests::topo::{Host, Testbed};
 type Frames = Vec<(Vec<u8>, RxMeta)>;
 
 /// Collects frames from an RX ring inside a namespace until `stop`.
-fn collect(host: &Host, ifname: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<Frames>> {
+fn collect(
+    host: &Host,
+    ifname: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Frames>> {
     let ready = Arc::new(AtomicBool::new(false));
     let r2 = ready.clone();
     let h = host.spawn_in_ns(move || {
@@ -79,13 +83,20 @@ fn frames_sent_on_the_tx_ring_arrive_whole_on_the_rx_ring() -> Result<()> {
         .iter()
         .filter(|(f, _)| f.len() >= 18 && f[12..14] == [0x88, 0xb5])
         .collect();
-    assert_eq!(ours.len(), *sent.lock().expect("lock"), "frames lost or duplicated");
+    assert_eq!(
+        ours.len(),
+        *sent.lock().expect("lock"),
+        "frames lost or duplicated"
+    );
     for (i, (f, m)) in ours.iter().enumerate() {
         let idx = u32::from_be_bytes([f[14], f[15], f[16], f[17]]);
         assert_eq!(idx as usize, i, "frames reordered");
         assert_eq!(f.len(), 60 + (i % 1400));
         assert_eq!(m.len, f.len());
-        assert!(f[18..].iter().all(|b| *b == (i % 251) as u8), "frame {i} corrupted");
+        assert!(
+            f[18..].iter().all(|b| *b == (i % 251) as u8),
+            "frame {i} corrupted"
+        );
     }
     Ok(())
 }
@@ -125,6 +136,10 @@ fn partial_checksum_is_reported_only_with_tx_offload_on() -> Result<()> {
         );
         seen.push(udp[0].1.csum_not_ready);
     }
-    assert_eq!(seen, vec![true, false], "csum_not_ready with tx offload on/off");
+    assert_eq!(
+        seen,
+        vec![true, false],
+        "csum_not_ready with tx offload on/off"
+    );
     Ok(())
 }

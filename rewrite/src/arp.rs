@@ -215,7 +215,12 @@ pub fn write_request(buf: &mut [u8], request: &ArpRepr) -> Result<usize, WireErr
 /// target hardware address: the "ARP Announcement" of RFC 5227 §2.3, which
 /// every Linux and switch updates its cache from (keepalived sends the
 /// same). `eth_src` as in [`write_reply`].
-pub fn write_gratuitous(buf: &mut [u8], ip: Ipv4Addr, mac: MacAddr, eth_src: MacAddr) -> Result<usize, WireError> {
+pub fn write_gratuitous(
+    buf: &mut [u8],
+    ip: Ipv4Addr,
+    mac: MacAddr,
+    eth_src: MacAddr,
+) -> Result<usize, WireError> {
     let eth = EthernetRepr {
         src: eth_src,
         dst: MacAddr::BROADCAST,
@@ -250,8 +255,8 @@ mod tests {
     // A real ARP request (Ethernet payload of a capture): who has
     // 192.168.1.1? tell 192.168.1.100 (00:0c:29:3e:5c:9b).
     static REQUEST: [u8; 28] = [
-        0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x00, 0x0c, 0x29, 0x3e, 0x5c, 0x9b, 0xc0, 0xa8, 0x01, 0x64,
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0xa8, 0x01, 0x01,
+        0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x00, 0x0c, 0x29, 0x3e, 0x5c, 0x9b, 0xc0,
+        0xa8, 0x01, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0xa8, 0x01, 0x01,
     ];
 
     fn request_repr() -> ArpRepr {
@@ -360,11 +365,13 @@ mod tests {
         let nic = MacAddr::new(0x02, 0, 0, 0, 0, 0x0a);
         let mut buf = [0u8; 60];
         assert_eq!(write_gratuitous(&mut buf, vip, mac, nic).unwrap(), 60);
-        let want_hdr = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 0x0a, 0x08, 0x06];
+        let want_hdr = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 0x0a, 0x08, 0x06,
+        ];
         assert_eq!(&buf[..14], &want_hdr);
         let want_arp = [
-            0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x01, 0x00, 0x5e, 0x01, 0x02, 0x03, 198, 18, 0, 100, 0, 0,
-            0, 0, 0, 0, 198, 18, 0, 100,
+            0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x01, 0x00, 0x5e, 0x01, 0x02, 0x03,
+            198, 18, 0, 100, 0, 0, 0, 0, 0, 0, 198, 18, 0, 100,
         ];
         assert_eq!(&buf[14..42], &want_arp);
     }

@@ -99,7 +99,14 @@ impl FrameBuilder {
             src_port: src.port(),
             dst_port: dst.port(),
         };
-        Self::new(*src.ip(), *dst.ip(), L4Spec::Udp { repr, checksum: true })
+        Self::new(
+            *src.ip(),
+            *dst.ip(),
+            L4Spec::Udp {
+                repr,
+                checksum: true,
+            },
+        )
     }
 
     /// An ICMP message; for an error, put the quote in [`Self::payload`]
@@ -250,14 +257,19 @@ impl FrameBuilder {
         let seg_len = u16::try_from(seg.len()).expect("segment fits");
         match self.l4 {
             L4Spec::Tcp(r) => {
-                r.emit(seg, self.src, self.dst, Checksum::Check).expect("TCP header");
+                r.emit(seg, self.src, self.dst, Checksum::Check)
+                    .expect("TCP header");
                 if self.partial {
                     let p = partial_checksum_value(self.src, self.dst, proto::TCP, seg_len);
                     seg[crate::tcp::CHECKSUM_OFFSET..][..2].copy_from_slice(&p.to_be_bytes());
                 }
             }
             L4Spec::Udp { repr, checksum } => {
-                let cs = if checksum { Checksum::Check } else { Checksum::Ignore };
+                let cs = if checksum {
+                    Checksum::Check
+                } else {
+                    Checksum::Ignore
+                };
                 repr.emit(seg, self.src, self.dst, cs).expect("UDP header");
                 if self.partial {
                     let p = partial_checksum_value(self.src, self.dst, proto::UDP, seg_len);

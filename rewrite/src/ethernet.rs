@@ -180,7 +180,8 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
 
     /// The whole 802.1Q tag control information, if tagged.
     pub fn vlan_tci(&self) -> Option<u16> {
-        self.is_vlan_tagged().then(|| be16(self.buffer.as_ref(), field::TCI))
+        self.is_vlan_tagged()
+            .then(|| be16(self.buffer.as_ref(), field::TCI))
     }
 
     /// The 12-bit VLAN id, if tagged (0 means "priority tag only").
@@ -286,20 +287,24 @@ mod tests {
 
     // A real broadcast ARP request header (first 14 bytes of a capture).
     static UNTAGGED: [u8; 16] = [
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x0c, 0x29, 0x3e, 0x5c, 0x9b, 0x08, 0x06, 0x00, 0x01,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x0c, 0x29, 0x3e, 0x5c, 0x9b, 0x08, 0x06, 0x00,
+        0x01,
     ];
 
     // 802.1Q tag VID 100 PCP 3 carrying IPv4.
     static TAGGED: [u8; 20] = [
-        0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x81, 0x00, 0x60, 0x64, 0x08, 0x00,
-        0x45, 0x00,
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x81, 0x00, 0x60,
+        0x64, 0x08, 0x00, 0x45, 0x00,
     ];
 
     #[test]
     fn test_parse_untagged() {
         let f = EthernetFrame::new_checked(&UNTAGGED[..]).unwrap();
         assert_eq!(f.dst_addr(), MacAddr::BROADCAST);
-        assert_eq!(f.src_addr(), MacAddr::new(0x00, 0x0c, 0x29, 0x3e, 0x5c, 0x9b));
+        assert_eq!(
+            f.src_addr(),
+            MacAddr::new(0x00, 0x0c, 0x29, 0x3e, 0x5c, 0x9b)
+        );
         assert_eq!(f.ethertype(), ethertype::ARP);
         assert_eq!(f.vlan_id(), None);
         assert_eq!(f.header_len(), 14);
@@ -340,7 +345,10 @@ mod tests {
         want.copy_from_slice(&TAGGED[..18]);
         want[14] = 0x00;
         assert_eq!(out, want);
-        assert_eq!(r.emit(&mut [0u8; 17]).unwrap_err(), WireError::BufferTooSmall);
+        assert_eq!(
+            r.emit(&mut [0u8; 17]).unwrap_err(),
+            WireError::BufferTooSmall
+        );
     }
 
     #[test]

@@ -31,7 +31,13 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    pub const fn new(proto: u8, src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16) -> Self {
+    pub const fn new(
+        proto: u8,
+        src: Ipv4Addr,
+        src_port: u16,
+        dst: Ipv4Addr,
+        dst_port: u16,
+    ) -> Self {
         FlowKey {
             proto,
             src,
@@ -139,7 +145,13 @@ mod tests {
 
     #[test]
     fn hash_depends_on_seed_and_is_stable() {
-        let k = FlowKey::new(proto::UDP, Ipv4Addr::new(1, 2, 3, 4), 1, Ipv4Addr::new(5, 6, 7, 8), 2);
+        let k = FlowKey::new(
+            proto::UDP,
+            Ipv4Addr::new(1, 2, 3, 4),
+            1,
+            Ipv4Addr::new(5, 6, 7, 8),
+            2,
+        );
         let a = FlowHasher::new([7; 16]);
         let b = FlowHasher::new([8; 16]);
         assert_eq!(a.hash(&k), FlowHasher::new([7; 16]).hash(&k));

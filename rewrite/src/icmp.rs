@@ -172,7 +172,10 @@ impl<T: AsRef<[u8]>> IcmpPacket<T> {
     pub fn quoted(&self) -> Result<Quoted<'_>, WireError> {
         let ip = Ipv4Packet::new_checked_quoted(self.data())?;
         let hl = ip.header_len();
-        let l4 = self.data().get(hl..hl + QUOTED_L4_LEN).ok_or(WireError::Truncated)?;
+        let l4 = self
+            .data()
+            .get(hl..hl + QUOTED_L4_LEN)
+            .ok_or(WireError::Truncated)?;
         let mut q = [0u8; QUOTED_L4_LEN];
         q.copy_from_slice(l4);
         Ok(Quoted { ip, l4: q })
@@ -197,7 +200,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpPacket<T> {
     }
 
     pub fn data_mut(&mut self) -> &mut [u8] {
-        self.buffer.as_mut().get_mut(HEADER_LEN..).unwrap_or(&mut [])
+        self.buffer
+            .as_mut()
+            .get_mut(HEADER_LEN..)
+            .unwrap_or(&mut [])
     }
 }
 
@@ -296,18 +302,30 @@ impl IcmpRepr {
     /// first 8 bytes: writes the header and, with [`Checksum::Check`], the
     /// checksum over the message.
     pub fn emit(&self, message: &mut [u8], cs: Checksum) -> Result<usize, WireError> {
-        let b = message.get_mut(..HEADER_LEN).ok_or(WireError::BufferTooSmall)?;
+        let b = message
+            .get_mut(..HEADER_LEN)
+            .ok_or(WireError::BufferTooSmall)?;
         let (t, code, rest): (u8, u8, [u8; 4]) = match *self {
-            IcmpRepr::EchoRequest { ident, seq_no } => (msg_type::ECHO_REQUEST, 0, be_pair(ident, seq_no)),
-            IcmpRepr::EchoReply { ident, seq_no } => (msg_type::ECHO_REPLY, 0, be_pair(ident, seq_no)),
+            IcmpRepr::EchoRequest { ident, seq_no } => {
+                (msg_type::ECHO_REQUEST, 0, be_pair(ident, seq_no))
+            }
+            IcmpRepr::EchoReply { ident, seq_no } => {
+                (msg_type::ECHO_REPLY, 0, be_pair(ident, seq_no))
+            }
             IcmpRepr::DstUnreachable { code, next_hop_mtu } => {
                 (msg_type::DST_UNREACHABLE, code, be_pair(0, next_hop_mtu))
             }
             IcmpRepr::SourceQuench => (msg_type::SOURCE_QUENCH, 0, [0; 4]),
             IcmpRepr::Redirect { code, gateway } => (msg_type::REDIRECT, code, gateway.octets()),
             IcmpRepr::TimeExceeded { code } => (msg_type::TIME_EXCEEDED, code, [0; 4]),
-            IcmpRepr::ParamProblem { code, pointer } => (msg_type::PARAM_PROBLEM, code, [pointer, 0, 0, 0]),
-            IcmpRepr::Other { msg_type, code, rest } => (msg_type, code, rest),
+            IcmpRepr::ParamProblem { code, pointer } => {
+                (msg_type::PARAM_PROBLEM, code, [pointer, 0, 0, 0])
+            }
+            IcmpRepr::Other {
+                msg_type,
+                code,
+                rest,
+            } => (msg_type, code, rest),
         };
         b[field::TYPE] = t;
         b[field::CODE] = code;
@@ -333,8 +351,8 @@ mod tests {
     // 198.18.0.2:40000 -> 198.18.0.100:80 (TCP); checksums left zero.
     static FRAG_NEEDED: [u8; 36] = [
         0x03, 0x04, 0x00, 0x00, 0x00, 0x00, 0x05, 0x78, // type 3 code 4, MTU 1400
-        0x45, 0x00, 0x05, 0xdc, 0x12, 0x34, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 0xc6, 0x12, 0x00, 0x02, 0xc6, 0x12,
-        0x00, 0x64, // quoted header 198.18.0.2 -> 198.18.0.100, TCP
+        0x45, 0x00, 0x05, 0xdc, 0x12, 0x34, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 0xc6, 0x12, 0x00,
+        0x02, 0xc6, 0x12, 0x00, 0x64, // quoted header 198.18.0.2 -> 198.18.0.100, TCP
         0x9c, 0x40, 0x00, 0x50, 0x00, 0x00, 0x00, 0x01, // 40000 -> 80, seq 1
     ];
 
@@ -406,17 +424,26 @@ mod tests {
         let mut b = FRAG_NEEDED;
         b[8] = 0x65;
         assert_eq!(
-            IcmpPacket::new_checked(&b[..]).unwrap().quoted().unwrap_err(),
+            IcmpPacket::new_checked(&b[..])
+                .unwrap()
+                .quoted()
+                .unwrap_err(),
             WireError::BadVersion
         );
         b[8] = 0x43;
         assert_eq!(
-            IcmpPacket::new_checked(&b[..]).unwrap().quoted().unwrap_err(),
+            IcmpPacket::new_checked(&b[..])
+                .unwrap()
+                .quoted()
+                .unwrap_err(),
             WireError::BadHeaderLength
         );
         b[8] = 0x46; // options claimed: header 24 bytes, then only 4 of the 8 bytes
         assert_eq!(
-            IcmpPacket::new_checked(&b[..]).unwrap().quoted().unwrap_err(),
+            IcmpPacket::new_checked(&b[..])
+                .unwrap()
+                .quoted()
+                .unwrap_err(),
             WireError::Truncated
         );
         assert_eq!(
@@ -428,8 +455,14 @@ mod tests {
     #[test]
     fn test_emit_roundtrip_every_kind() {
         let kinds = [
-            IcmpRepr::EchoRequest { ident: 1, seq_no: 2 },
-            IcmpRepr::EchoReply { ident: 3, seq_no: 4 },
+            IcmpRepr::EchoRequest {
+                ident: 1,
+                seq_no: 2,
+            },
+            IcmpRepr::EchoReply {
+                ident: 3,
+                seq_no: 4,
+            },
             IcmpRepr::DstUnreachable {
                 code: 3,
                 next_hop_mtu: 0,
@@ -440,7 +473,10 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 0, 1),
             },
             IcmpRepr::TimeExceeded { code: 0 },
-            IcmpRepr::ParamProblem { code: 0, pointer: 9 },
+            IcmpRepr::ParamProblem {
+                code: 0,
+                pointer: 9,
+            },
             IcmpRepr::Other {
                 msg_type: 13,
                 code: 0,
@@ -463,11 +499,17 @@ mod tests {
     #[test]
     fn bad_checksum_detected() {
         let mut b = [0u8; 8];
-        IcmpRepr::EchoRequest { ident: 1, seq_no: 1 }
-            .emit(&mut b, Checksum::Check)
-            .unwrap();
+        IcmpRepr::EchoRequest {
+            ident: 1,
+            seq_no: 1,
+        }
+        .emit(&mut b, Checksum::Check)
+        .unwrap();
         b[7] ^= 0x10;
         let p = IcmpPacket::new_checked(&b[..]).unwrap();
-        assert_eq!(IcmpRepr::parse(&p, Checksum::Check), Err(WireError::BadChecksum));
+        assert_eq!(
+            IcmpRepr::parse(&p, Checksum::Check),
+            Err(WireError::BadChecksum)
+        );
     }
 }

@@ -162,7 +162,10 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
 
     /// The option bytes (empty without options).
     pub fn options(&self) -> &[u8] {
-        self.buffer.as_ref().get(HEADER_LEN..self.header_len()).unwrap_or(&[])
+        self.buffer
+            .as_ref()
+            .get(HEADER_LEN..self.header_len())
+            .unwrap_or(&[])
     }
 
     /// The payload, up to the total length (Ethernet padding excluded). In a
@@ -242,7 +245,10 @@ impl<'a> Ipv4Repr<'a> {
     /// With [`Checksum::Check`], a header whose checksum does not verify is
     /// [`WireError::BadChecksum`].
     /// The options borrow from the packet's buffer, not from the view.
-    pub fn parse<T: AsRef<[u8]> + ?Sized>(p: &Ipv4Packet<&'a T>, cs: Checksum) -> Result<Self, WireError> {
+    pub fn parse<T: AsRef<[u8]> + ?Sized>(
+        p: &Ipv4Packet<&'a T>,
+        cs: Checksum,
+    ) -> Result<Self, WireError> {
         if cs == Checksum::Check && !p.verify_checksum() {
             return Err(WireError::BadChecksum);
         }
@@ -272,20 +278,23 @@ impl<'a> Ipv4Repr<'a> {
     /// the header length. With [`Checksum::Check`] the checksum is filled,
     /// else left zero.
     pub fn emit(&self, buf: &mut [u8], cs: Checksum) -> Result<usize, WireError> {
-        if self.options.len() > MAX_HEADER_LEN - HEADER_LEN || !self.options.len().is_multiple_of(4) {
+        if self.options.len() > MAX_HEADER_LEN - HEADER_LEN || !self.options.len().is_multiple_of(4)
+        {
             return Err(WireError::BadOptionsLength);
         }
         if !self.frag_offset.is_multiple_of(8) {
             return Err(WireError::BadFragmentOffset);
         }
         let hl = self.buffer_len();
-        let total = u16::try_from(hl + usize::from(self.payload_len)).map_err(|_| WireError::BadTotalLength)?;
+        let total = u16::try_from(hl + usize::from(self.payload_len))
+            .map_err(|_| WireError::BadTotalLength)?;
         let b = buf.get_mut(..hl).ok_or(WireError::BufferTooSmall)?;
         b[field::VER_IHL] = 0x40 | (hl / 4) as u8;
         b[field::DSCP_ECN] = self.dscp_ecn;
         put16(b, field::LENGTH, total);
         put16(b, field::IDENT, self.ident);
-        let flags = if self.dont_frag { FLAG_DF } else { 0 } | if self.more_frags { FLAG_MF } else { 0 };
+        let flags =
+            if self.dont_frag { FLAG_DF } else { 0 } | if self.more_frags { FLAG_MF } else { 0 };
         put16(b, field::FLG_OFF, flags | (self.frag_offset >> 3));
         b[field::TTL] = self.ttl;
         b[field::PROTOCOL] = self.protocol;
@@ -307,8 +316,8 @@ mod tests {
     // A real UDP datagram header (192.168.0.1 -> 192.168.0.199, total 115,
     // DF, TTL 64, checksum 0xb861), followed here by 95 payload bytes.
     static HEADER: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
-        0x00, 0xc7,
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00,
+        0x01, 0xc0, 0xa8, 0x00, 0xc7,
     ];
 
     fn datagram() -> [u8; 115] {
@@ -321,8 +330,8 @@ mod tests {
     // as IGMPv3 reports are sent: 10.0.0.1 -> 224.0.0.22, proto 2, TTL 1.
     // Checksum left zero here; the test fills it.
     static WITH_OPTIONS: [u8; 24] = [
-        0x46, 0xc0, 0x00, 0x18, 0x00, 0x00, 0x40, 0x00, 0x01, 0x02, 0x00, 0x00, 0x0a, 0x00, 0x00, 0x01, 0xe0, 0x00,
-        0x00, 0x16, 0x94, 0x04, 0x00, 0x00,
+        0x46, 0xc0, 0x00, 0x18, 0x00, 0x00, 0x40, 0x00, 0x01, 0x02, 0x00, 0x00, 0x0a, 0x00, 0x00,
+        0x01, 0xe0, 0x00, 0x00, 0x16, 0x94, 0x04, 0x00, 0x00,
     ];
 
     fn repr() -> Ipv4Repr<'static> {
@@ -381,7 +390,8 @@ mod tests {
         assert_eq!(p.header_len(), 24);
         assert_eq!(p.options(), &[0x94, 0x04, 0x00, 0x00]);
         assert_eq!(p.payload(), &[] as &[u8]);
-        let r = Ipv4Repr::parse(&Ipv4Packet::new_checked(&b[..]).unwrap(), Checksum::Check).unwrap();
+        let r =
+            Ipv4Repr::parse(&Ipv4Packet::new_checked(&b[..]).unwrap(), Checksum::Check).unwrap();
         let mut out = [0u8; 24];
         assert_eq!(r.emit(&mut out, Checksum::Check).unwrap(), 24);
         assert_eq!(out, b);
@@ -389,7 +399,10 @@ mod tests {
             options: &[1, 2, 3],
             ..r
         };
-        assert_eq!(bad.emit(&mut out, Checksum::Check), Err(WireError::BadOptionsLength));
+        assert_eq!(
+            bad.emit(&mut out, Checksum::Check),
+            Err(WireError::BadOptionsLength)
+        );
     }
 
     #[test]
@@ -406,14 +419,20 @@ mod tests {
     #[test]
     fn test_rejects() {
         let d = datagram();
-        assert_eq!(Ipv4Packet::new_checked(&d[..19]).unwrap_err(), WireError::Truncated);
+        assert_eq!(
+            Ipv4Packet::new_checked(&d[..19]).unwrap_err(),
+            WireError::Truncated
+        );
         assert_eq!(
             Ipv4Packet::new_checked(&d[..114]).unwrap_err(),
             WireError::BadTotalLength
         );
         let mut v6 = d;
         v6[0] = 0x65;
-        assert_eq!(Ipv4Packet::new_checked(&v6[..]).unwrap_err(), WireError::BadVersion);
+        assert_eq!(
+            Ipv4Packet::new_checked(&v6[..]).unwrap_err(),
+            WireError::BadVersion
+        );
         let mut ihl4 = d;
         ihl4[0] = 0x44;
         assert_eq!(
@@ -440,7 +459,10 @@ mod tests {
         bad_sum[11] ^= 1;
         let p = Ipv4Packet::new_checked(&bad_sum[..]).unwrap();
         assert!(!p.verify_checksum());
-        assert_eq!(Ipv4Repr::parse(&p, Checksum::Check), Err(WireError::BadChecksum));
+        assert_eq!(
+            Ipv4Repr::parse(&p, Checksum::Check),
+            Err(WireError::BadChecksum)
+        );
         assert!(Ipv4Repr::parse(&p, Checksum::Ignore).is_ok());
     }
 

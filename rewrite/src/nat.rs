@@ -123,7 +123,13 @@ pub fn nat_reverse(
     nat(frame, parsed, Side::Src, new_src, new_src_port)
 }
 
-fn nat(frame: &mut [u8], parsed: &Parsed, side: Side, addr: Ipv4Addr, port: u16) -> Result<(), RewriteError> {
+fn nat(
+    frame: &mut [u8],
+    parsed: &Parsed,
+    side: Side,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Result<(), RewriteError> {
     let proto = match parsed.kind {
         Kind::Arp(_) => return Err(RewriteError::NotIpv4),
         Kind::Ipv4 { fragment: true, .. } => return Err(RewriteError::Fragment),
@@ -143,7 +149,8 @@ fn nat(frame: &mut [u8], parsed: &Parsed, side: Side, addr: Ipv4Addr, port: u16)
     // before they pass.
     match proto {
         proto::TCP => {
-            let mut t = TcpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
+            let mut t = TcpPacket::new_checked(ip.payload_mut())
+                .map_err(|_| RewriteError::FrameMismatch)?;
             let old_port = match side {
                 Side::Src => t.src_port(),
                 Side::Dst => t.dst_port(),
@@ -153,10 +160,15 @@ fn nat(frame: &mut [u8], parsed: &Parsed, side: Side, addr: Ipv4Addr, port: u16)
                 Side::Dst => t.set_dst_port(port),
             }
             // The TCP checksum covers the pseudo-header address and the port.
-            t.set_checksum(update16(update_addr(t.checksum(), old_addr, addr), old_port, port));
+            t.set_checksum(update16(
+                update_addr(t.checksum(), old_addr, addr),
+                old_port,
+                port,
+            ));
         }
         proto::UDP => {
-            let mut u = UdpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
+            let mut u = UdpPacket::new_checked(ip.payload_mut())
+                .map_err(|_| RewriteError::FrameMismatch)?;
             let old_port = match side {
                 Side::Src => u.src_port(),
                 Side::Dst => u.dst_port(),
@@ -237,7 +249,13 @@ pub fn icmp_error_reverse(
     icmp_error(frame, parsed, Side::Src, new_src, new_src_port)
 }
 
-fn icmp_error(frame: &mut [u8], parsed: &Parsed, outer: Side, addr: Ipv4Addr, port: u16) -> Result<(), RewriteError> {
+fn icmp_error(
+    frame: &mut [u8],
+    parsed: &Parsed,
+    outer: Side,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Result<(), RewriteError> {
     match parsed.kind {
         Kind::Arp(_) => return Err(RewriteError::NotIpv4),
         Kind::Ipv4 { fragment: true, .. } => return Err(RewriteError::Fragment),
@@ -253,7 +271,8 @@ fn icmp_error(frame: &mut [u8], parsed: &Parsed, outer: Side, addr: Ipv4Addr, po
         Side::Dst => ip.dst_addr(),
     };
     {
-        let mut icmp = IcmpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
+        let mut icmp =
+            IcmpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
         if !icmp.is_error() {
             return Err(RewriteError::FrameMismatch);
         }
@@ -269,8 +288,14 @@ fn icmp_error(frame: &mut [u8], parsed: &Parsed, outer: Side, addr: Ipv4Addr, po
     Ok(())
 }
 
-fn rewrite_quote(quote: &mut [u8], side: Side, addr: Ipv4Addr, port: u16) -> Result<(), RewriteError> {
-    let mut qip = Ipv4Packet::new_checked_quoted(&mut *quote).map_err(|_| RewriteError::FrameMismatch)?;
+fn rewrite_quote(
+    quote: &mut [u8],
+    side: Side,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Result<(), RewriteError> {
+    let mut qip =
+        Ipv4Packet::new_checked_quoted(&mut *quote).map_err(|_| RewriteError::FrameMismatch)?;
     let hl = qip.header_len();
     let qproto = qip.protocol();
     // Only a first fragment's 8 bytes are a transport header.
@@ -354,17 +379,20 @@ pub fn complete_checksum(frame: &mut [u8], parsed: &Parsed) -> Result<(), Rewrit
     let (src, dst) = (ip.src_addr(), ip.dst_addr());
     match l4 {
         L4::Tcp { .. } => {
-            let mut t = TcpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
+            let mut t = TcpPacket::new_checked(ip.payload_mut())
+                .map_err(|_| RewriteError::FrameMismatch)?;
             t.fill_checksum(src, dst);
         }
         L4::Udp { .. } => {
-            let mut u = UdpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
+            let mut u = UdpPacket::new_checked(ip.payload_mut())
+                .map_err(|_| RewriteError::FrameMismatch)?;
             if u.checksum() != 0 {
                 u.fill_checksum(src, dst);
             }
         }
         L4::IcmpError { .. } | L4::IcmpOther { .. } => {
-            let mut i = IcmpPacket::new_checked(ip.payload_mut()).map_err(|_| RewriteError::FrameMismatch)?;
+            let mut i = IcmpPacket::new_checked(ip.payload_mut())
+                .map_err(|_| RewriteError::FrameMismatch)?;
             i.fill_checksum();
         }
         L4::Other => return Err(RewriteError::ChecksumUnsupported),
@@ -383,7 +411,12 @@ fn ip_view(frame: &mut [u8], l3: usize, proto: u8) -> Result<Ipv4Packet<&mut [u8
 }
 
 /// Writes an address and updates the header checksum (RFC 1624 eqn. 3).
-fn set_addr<T: AsRef<[u8]> + AsMut<[u8]>>(ip: &mut Ipv4Packet<T>, side: Side, old: Ipv4Addr, new: Ipv4Addr) {
+fn set_addr<T: AsRef<[u8]> + AsMut<[u8]>>(
+    ip: &mut Ipv4Packet<T>,
+    side: Side,
+    old: Ipv4Addr,
+    new: Ipv4Addr,
+) {
     match side {
         Side::Src => ip.set_src_addr(new),
         Side::Dst => ip.set_dst_addr(new),
@@ -416,9 +449,15 @@ mod tests {
         let (s, d) = (ip.src_addr(), ip.dst_addr());
         ip.verify_checksum()
             && match ip.protocol() {
-                proto::TCP => TcpPacket::new_checked(ip.payload()).unwrap().verify_checksum(s, d),
-                proto::UDP => UdpPacket::new_checked(ip.payload()).unwrap().verify_checksum(s, d),
-                proto::ICMP => IcmpPacket::new_checked(ip.payload()).unwrap().verify_checksum(),
+                proto::TCP => TcpPacket::new_checked(ip.payload())
+                    .unwrap()
+                    .verify_checksum(s, d),
+                proto::UDP => UdpPacket::new_checked(ip.payload())
+                    .unwrap()
+                    .verify_checksum(s, d),
+                proto::ICMP => IcmpPacket::new_checked(ip.payload())
+                    .unwrap()
+                    .verify_checksum(),
                 _ => true,
             }
     }
@@ -440,7 +479,10 @@ mod tests {
         // Rewriting the destination back restores the captured bytes.
         let mut undo = f;
         nat_forward(&mut undo, &q, VIP, 80).unwrap();
-        assert_eq!(undo, TCP_GET, "forward then inverse forward is the identity");
+        assert_eq!(
+            undo, TCP_GET,
+            "forward then inverse forward is the identity"
+        );
         assert!(verify(&back));
     }
 
@@ -526,7 +568,10 @@ mod tests {
                 ..
             } => {
                 assert_eq!(src, vip);
-                assert_eq!(inner, FlowKey::new(17, Ipv4Addr::new(198, 18, 0, 2), 41214, vip, 53));
+                assert_eq!(
+                    inner,
+                    FlowKey::new(17, Ipv4Addr::new(198, 18, 0, 2), 41214, vip, 53)
+                );
             }
             k => panic!("{k:?}"),
         }
@@ -545,10 +590,16 @@ mod tests {
         let pa = parse(&arp).unwrap();
         assert_eq!(nat_forward(&mut arp, &pa, v, 1), Err(RewriteError::NotIpv4));
         assert_eq!(complete_checksum(&mut arp, &pa), Err(RewriteError::NotIpv4));
-        assert_eq!(icmp_error_forward(&mut arp, &pa, v, 1), Err(RewriteError::NotIpv4));
+        assert_eq!(
+            icmp_error_forward(&mut arp, &pa, v, 1),
+            Err(RewriteError::NotIpv4)
+        );
         let mut echo = ICMP_ECHO_REQUEST;
         let pe = parse(&echo).unwrap();
-        assert_eq!(nat_forward(&mut echo, &pe, v, 1), Err(RewriteError::NotTcpOrUdp));
+        assert_eq!(
+            nat_forward(&mut echo, &pe, v, 1),
+            Err(RewriteError::NotTcpOrUdp)
+        );
         assert_eq!(
             icmp_error_reverse(&mut echo, &pe, v, 1),
             Err(RewriteError::NotIcmpError)
@@ -556,12 +607,24 @@ mod tests {
         assert_eq!(echo, ICMP_ECHO_REQUEST);
         let mut tcp = TCP_GET;
         let pt = parse(&tcp).unwrap();
-        assert_eq!(icmp_error_forward(&mut tcp, &pt, v, 1), Err(RewriteError::NotIcmpError));
+        assert_eq!(
+            icmp_error_forward(&mut tcp, &pt, v, 1),
+            Err(RewriteError::NotIcmpError)
+        );
         // A summary of another frame: refused, never a panic.
-        assert_eq!(nat_forward(&mut tcp, &pe, v, 1), Err(RewriteError::NotTcpOrUdp));
+        assert_eq!(
+            nat_forward(&mut tcp, &pe, v, 1),
+            Err(RewriteError::NotTcpOrUdp)
+        );
         let pu = parse(&UDP_DNS_QUERY).unwrap();
-        assert_eq!(nat_forward(&mut tcp, &pu, v, 1), Err(RewriteError::FrameMismatch));
-        assert_eq!(nat_forward(&mut tcp[..40], &pt, v, 1), Err(RewriteError::FrameMismatch));
+        assert_eq!(
+            nat_forward(&mut tcp, &pu, v, 1),
+            Err(RewriteError::FrameMismatch)
+        );
+        assert_eq!(
+            nat_forward(&mut tcp[..40], &pt, v, 1),
+            Err(RewriteError::FrameMismatch)
+        );
         assert_eq!(tcp, TCP_GET);
     }
 
@@ -581,7 +644,10 @@ mod tests {
     #[test]
     fn set_macs_rewrites_only_the_addresses() {
         let mut f = TCP_GET;
-        let (s, d) = (MacAddr::new(2, 0, 0, 0, 0, 0xa), MacAddr::new(2, 0, 0, 0, 0, 0xb));
+        let (s, d) = (
+            MacAddr::new(2, 0, 0, 0, 0, 0xa),
+            MacAddr::new(2, 0, 0, 0, 0, 0xb),
+        );
         set_macs(&mut f, s, d).unwrap();
         assert_eq!(&f[..12], &[2, 0, 0, 0, 0, 0xb, 2, 0, 0, 0, 0, 0xa]);
         assert_eq!(&f[12..], &TCP_GET[12..]);

@@ -100,9 +100,16 @@ impl Parsed {
             Kind::Arp(_) => None,
             Kind::Ipv4 { fragment: true, .. } => None,
             Kind::Ipv4 {
-                proto, src, dst, l4, ..
+                proto,
+                src,
+                dst,
+                l4,
+                ..
             } => Some(match l4 {
-                L4::Tcp { src_port, dst_port, .. } | L4::Udp { src_port, dst_port } => {
+                L4::Tcp {
+                    src_port, dst_port, ..
+                }
+                | L4::Udp { src_port, dst_port } => {
                     FlowKey::new(proto, src, src_port, dst, dst_port)
                 }
                 L4::IcmpError { inner, .. } => inner.reversed(),
@@ -334,7 +341,11 @@ fn parse_icmp(b: &[u8]) -> Result<L4, ParseError> {
         (0, 0)
     };
     let inner = FlowKey::new(p, q.ip.src_addr(), sp, q.ip.dst_addr(), dp);
-    Ok(L4::IcmpError { icmp_type, code, inner })
+    Ok(L4::IcmpError {
+        icmp_type,
+        code,
+        inner,
+    })
 }
 
 #[cfg(test)]
@@ -437,7 +448,10 @@ mod capture_tests {
                 flags: TcpFlags::SYN
             }
         );
-        assert_eq!(p.flow_key(), Some(FlowKey::new(6, CLIENT, 38922, SERVER, 80)));
+        assert_eq!(
+            p.flow_key(),
+            Some(FlowKey::new(6, CLIENT, 38922, SERVER, 80))
+        );
         assert_eq!((p.l4_offset(), p.l3_end()), (Some(34), Some(74)));
     }
 
@@ -452,7 +466,10 @@ mod capture_tests {
                 dst_port: 53
             }
         );
-        assert_eq!(p.flow_key(), Some(FlowKey::new(17, CLIENT, 41214, SERVER, 53)));
+        assert_eq!(
+            p.flow_key(),
+            Some(FlowKey::new(17, CLIENT, 41214, SERVER, 53))
+        );
     }
 
     #[test]
@@ -474,7 +491,13 @@ mod capture_tests {
     #[test]
     fn test_parse_icmp_echo() {
         let (p, _, _, _, _, _, l4) = ipv4(&ICMP_ECHO_REQUEST);
-        assert_eq!(l4, L4::IcmpOther { icmp_type: 8, code: 0 });
+        assert_eq!(
+            l4,
+            L4::IcmpOther {
+                icmp_type: 8,
+                code: 0
+            }
+        );
         assert_eq!(p.flow_key(), Some(FlowKey::new(1, CLIENT, 0, SERVER, 0)));
     }
 
@@ -486,7 +509,10 @@ mod capture_tests {
         assert_eq!(p.l4_offset(), None);
         match p.kind {
             Kind::Arp(a) => {
-                assert_eq!((a.op, a.sender_ip, a.target_ip), (ArpOp::Request, CLIENT, SERVER));
+                assert_eq!(
+                    (a.op, a.sender_ip, a.target_ip),
+                    (ArpOp::Request, CLIENT, SERVER)
+                );
             }
             Kind::Ipv4 { .. } => panic!("not ARP"),
         }
@@ -510,7 +536,11 @@ mod capture_tests {
             &ARP_REQUEST,
         ] {
             for n in 0..f.len() {
-                assert!(parse(&f[..n]).is_err(), "prefix {n} of a {}-byte frame", f.len());
+                assert!(
+                    parse(&f[..n]).is_err(),
+                    "prefix {n} of a {}-byte frame",
+                    f.len()
+                );
             }
             assert!(parse(f).is_ok());
         }

@@ -163,7 +163,10 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 
     pub fn options(&self) -> &[u8] {
-        self.buffer.as_ref().get(HEADER_LEN..self.header_len()).unwrap_or(&[])
+        self.buffer
+            .as_ref()
+            .get(HEADER_LEN..self.header_len())
+            .unwrap_or(&[])
     }
 
     pub fn payload(&self) -> &[u8] {
@@ -271,11 +274,19 @@ impl TcpRepr {
     /// the first 20 bytes; this writes the header and, with
     /// [`Checksum::Check`], the checksum over the segment. Returns the header
     /// length.
-    pub fn emit(&self, segment: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, cs: Checksum) -> Result<usize, WireError> {
+    pub fn emit(
+        &self,
+        segment: &mut [u8],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        cs: Checksum,
+    ) -> Result<usize, WireError> {
         if segment.len() > usize::from(u16::MAX) {
             return Err(WireError::BadLength);
         }
-        let b = segment.get_mut(..HEADER_LEN).ok_or(WireError::BufferTooSmall)?;
+        let b = segment
+            .get_mut(..HEADER_LEN)
+            .ok_or(WireError::BufferTooSmall)?;
         put16(b, field::SRC_PORT, self.src_port);
         put16(b, field::DST_PORT, self.dst_port);
         put32(b, field::SEQ_NUM, self.seq);
@@ -365,17 +376,27 @@ mod tests {
     #[test]
     fn test_rejects() {
         let syn = syn();
-        assert_eq!(TcpPacket::new_checked(&syn[..19]).unwrap_err(), WireError::Truncated);
+        assert_eq!(
+            TcpPacket::new_checked(&syn[..19]).unwrap_err(),
+            WireError::Truncated
+        );
         assert_eq!(
             TcpPacket::new_checked(&syn[..39]).unwrap_err(),
             WireError::BadDataOffset
         );
         let mut b = syn;
         b[12] = 0x40;
-        assert_eq!(TcpPacket::new_checked(&b[..]).unwrap_err(), WireError::BadDataOffset);
+        assert_eq!(
+            TcpPacket::new_checked(&b[..]).unwrap_err(),
+            WireError::BadDataOffset
+        );
         b[12] = 0x50;
         let p = TcpPacket::new_checked(&b[..]).unwrap();
-        assert_eq!(p.payload().len(), 20, "options become data under a smaller data offset");
+        assert_eq!(
+            p.payload().len(),
+            20,
+            "options become data under a smaller data offset"
+        );
         assert_eq!(
             TcpRepr::parse(&p, SRC, DST, Checksum::Check),
             Err(WireError::BadChecksum)
@@ -399,6 +420,9 @@ mod tests {
 
     #[test]
     fn flags_debug_like_tcpdump() {
-        assert_eq!(format!("{:?}", TcpFlags::SYN | TcpFlags::ACK), "TcpFlags[S.]");
+        assert_eq!(
+            format!("{:?}", TcpFlags::SYN | TcpFlags::ACK),
+            "TcpFlags[S.]"
+        );
     }
 }

@@ -75,7 +75,10 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
 
     /// The datagram, header included, up to the length field.
     fn datagram(&self) -> &[u8] {
-        self.buffer.as_ref().get(..usize::from(self.len())).unwrap_or(&[])
+        self.buffer
+            .as_ref()
+            .get(..usize::from(self.len()))
+            .unwrap_or(&[])
     }
 
     pub fn payload(&self) -> &[u8] {
@@ -111,7 +114,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
 
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let len = usize::from(self.len());
-        self.buffer.as_mut().get_mut(HEADER_LEN..len).unwrap_or(&mut [])
+        self.buffer
+            .as_mut()
+            .get_mut(HEADER_LEN..len)
+            .unwrap_or(&mut [])
     }
 }
 
@@ -157,9 +163,17 @@ impl UdpRepr {
     /// `datagram` is the whole datagram with the data in place after the
     /// first 8 bytes: writes the header with length `datagram.len()` and,
     /// with [`Checksum::Check`], the checksum (else zero: "no checksum").
-    pub fn emit(&self, datagram: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, cs: Checksum) -> Result<usize, WireError> {
+    pub fn emit(
+        &self,
+        datagram: &mut [u8],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        cs: Checksum,
+    ) -> Result<usize, WireError> {
         let len = u16::try_from(datagram.len()).map_err(|_| WireError::BadLength)?;
-        let b = datagram.get_mut(..HEADER_LEN).ok_or(WireError::BufferTooSmall)?;
+        let b = datagram
+            .get_mut(..HEADER_LEN)
+            .ok_or(WireError::BufferTooSmall)?;
         put16(b, field::SRC_PORT, self.src_port);
         put16(b, field::DST_PORT, self.dst_port);
         put16(b, field::LENGTH, len);
@@ -236,11 +250,20 @@ mod tests {
     #[test]
     fn test_rejects_and_trims() {
         let dns = dns();
-        assert_eq!(UdpPacket::new_checked(&dns[..7]).unwrap_err(), WireError::Truncated);
-        assert_eq!(UdpPacket::new_checked(&dns[..36]).unwrap_err(), WireError::BadLength);
+        assert_eq!(
+            UdpPacket::new_checked(&dns[..7]).unwrap_err(),
+            WireError::Truncated
+        );
+        assert_eq!(
+            UdpPacket::new_checked(&dns[..36]).unwrap_err(),
+            WireError::BadLength
+        );
         let mut b = dns;
         b[5] = 7;
-        assert_eq!(UdpPacket::new_checked(&b[..]).unwrap_err(), WireError::BadLength);
+        assert_eq!(
+            UdpPacket::new_checked(&b[..]).unwrap_err(),
+            WireError::BadLength
+        );
         b[5] = 9;
         let p = UdpPacket::new_checked(&b[..]).unwrap();
         assert_eq!(p.payload(), &[0x12]);

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "balancer", version, about = "Bi-active clustered layer-4 load balancer")]
+#[command(
+    name = "balancer",
+    version,
+    about = "Bi-active clustered layer-4 load balancer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -80,7 +84,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
-        Cmd::Setup { config, apply, undo } => setup(&config, apply, undo),
+        Cmd::Setup {
+            config,
+            apply,
+            undo,
+        } => setup(&config, apply, undo),
         Cmd::Status {
             socket,
             config,
@@ -130,9 +138,10 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
             s.backends.len()
         );
         for b in &s.backends {
-            let at = b
-                .address
-                .map_or_else(|| format!("local:{}", b.port), |a| format!("{a}:{}", b.port));
+            let at = b.address.map_or_else(
+                || format!("local:{}", b.port),
+                |a| format!("{a}:{}", b.port),
+            );
             println!("    -> {} {} {} weight {}", b.name, at, b.forward, b.weight);
         }
     }
@@ -202,7 +211,8 @@ fn setup(path: &PathBuf, apply: bool, undo: bool) -> anyhow::Result<()> {
 
 fn read_record(path: &PathBuf) -> anyhow::Result<Applied> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).with_context(|| format!("reading the setup record {}", path.display())),
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("reading the setup record {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Applied::default()),
         Err(e) => Err(e).with_context(|| format!("reading the setup record {}", path.display())),
     }
@@ -213,10 +223,16 @@ fn write_record(path: &PathBuf, record: &Applied) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let text = serde_json::to_string_pretty(record)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("writing the setup record {}", path.display()))
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("writing the setup record {}", path.display()))
 }
 
-fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, all: bool) -> anyhow::Result<()> {
+fn status(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    json: bool,
+    all: bool,
+) -> anyhow::Result<()> {
     let socket = match (socket, config) {
         (Some(s), _) => s,
         (None, Some(c)) => Config::load(c)?.node.control_socket,

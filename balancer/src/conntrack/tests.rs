@@ -122,7 +122,10 @@ fn transition_tables_match_the_documented_tables() {
 fn backend_packets_step_the_same_whatever_the_method() {
     for s in ConnState::TCP {
         for i in TcpInput::ALL {
-            assert_eq!(s.step(Dir::FromBackend, true, i), s.step(Dir::FromBackend, false, i));
+            assert_eq!(
+                s.step(Dir::FromBackend, true, i),
+                s.step(Dir::FromBackend, false, i)
+            );
         }
     }
 }
@@ -135,7 +138,11 @@ fn rst_closes_every_tcp_state_from_either_side() {
             (Dir::FromBackend, false),
             (Dir::FromClient, true),
         ] {
-            assert_eq!(s.step(dir, io, TcpInput::Rst), ConnState::Close, "{s} {dir:?} {io}");
+            assert_eq!(
+                s.step(dir, io, TcpInput::Rst),
+                ConnState::Close,
+                "{s} {dir:?} {io}"
+            );
         }
     }
 }
@@ -143,8 +150,14 @@ fn rst_closes_every_tcp_state_from_either_side() {
 #[test]
 fn udp_state_ignores_every_input() {
     for i in TcpInput::ALL {
-        assert_eq!(ConnState::Udp.step(Dir::FromClient, false, i), ConnState::Udp);
-        assert_eq!(ConnState::Udp.step(Dir::FromBackend, true, i), ConnState::Udp);
+        assert_eq!(
+            ConnState::Udp.step(Dir::FromClient, false, i),
+            ConnState::Udp
+        );
+        assert_eq!(
+            ConnState::Udp.step(Dir::FromBackend, true, i),
+            ConnState::Udp
+        );
     }
 }
 
@@ -266,7 +279,9 @@ fn first_packet_flags_set_the_initial_state() {
     let syn = t.insert(nat(tcp_key(1, 1)), S, 0).expect("insert");
     let ack = t.insert(nat(tcp_key(1, 2)), A, 0).expect("insert");
     let fin = t.insert(nat(tcp_key(1, 3)), FA, 0).expect("insert");
-    let bare = t.insert(nat(tcp_key(1, 4)), TcpFlags::NONE, 0).expect("insert");
+    let bare = t
+        .insert(nat(tcp_key(1, 4)), TcpFlags::NONE, 0)
+        .expect("insert");
     let udp_key = FlowKey::new(proto::UDP, client(1), 5, VIP, 53);
     let udp = t.insert(nat(udp_key), S, 0).expect("insert");
     assert_eq!(state(&t, syn), SR);
@@ -281,13 +296,18 @@ fn first_packet_flags_set_the_initial_state() {
 #[test]
 fn insert_with_state_coerces_the_state_to_the_protocol() {
     let mut t = table(8);
-    let a = t.insert_with_state(nat(tcp_key(1, 1)), ES, 0).expect("insert");
+    let a = t
+        .insert_with_state(nat(tcp_key(1, 1)), ES, 0)
+        .expect("insert");
     let b = t
         .insert_with_state(nat(tcp_key(1, 2)), ConnState::Udp, 0)
         .expect("insert");
     let udp_key = FlowKey::new(proto::UDP, client(1), 5, VIP, 53);
     let c = t.insert_with_state(nat(udp_key), ES, 0).expect("insert");
-    assert_eq!((state(&t, a), state(&t, b), state(&t, c)), (ES, NO, ConnState::Udp));
+    assert_eq!(
+        (state(&t, a), state(&t, b), state(&t, c)),
+        (ES, NO, ConnState::Udp)
+    );
 }
 
 #[test]
@@ -326,12 +346,24 @@ fn syn_on_time_wait_is_a_reuse_and_reschedules() {
     // Anything but a bare SYN belongs to the old connection.
     assert_eq!(t.lookup_client(&k, A), ClientLookup::Existing(id));
     assert_eq!(t.lookup_client(&k, SA), ClientLookup::Existing(id));
-    assert_eq!(t.lookup_client(&k, TcpFlags(0x06)), ClientLookup::Existing(id));
+    assert_eq!(
+        t.lookup_client(&k, TcpFlags(0x06)),
+        ClientLookup::Existing(id)
+    );
 
     // The caller's reschedule: remove, insert anew (another backend).
     let old = t.remove(id).expect("removed");
     assert_eq!(old.state, TW);
-    let new = t.insert(NewConn { backend: 2, ..nat(k) }, S, 500).expect("insert");
+    let new = t
+        .insert(
+            NewConn {
+                backend: 2,
+                ..nat(k)
+            },
+            S,
+            500,
+        )
+        .expect("insert");
     assert_eq!(t.lookup_client(&k, S), ClientLookup::Existing(new));
     assert_eq!(t.get(new).expect("e").backend, 2);
     assert_eq!(state(&t, new), SR);
@@ -363,7 +395,12 @@ fn syn_on_live_states_is_not_a_reuse() {
         let k = tcp_key(2, i as u16);
         let id = reach(&mut t, nat(k), p);
         assert!(matches!(state(&t, id), SR | ES | CW | FW | LA));
-        assert_eq!(t.lookup_client(&k, S), ClientLookup::Existing(id), "{}", state(&t, id));
+        assert_eq!(
+            t.lookup_client(&k, S),
+            ClientLookup::Existing(id),
+            "{}",
+            state(&t, id)
+        );
     }
     assert_eq!(t.lookup_client(&tcp_key(9, 9), S), ClientLookup::New);
 }
@@ -375,7 +412,11 @@ fn syn_on_input_only_fin_wait_is_a_reuse() {
     let id = reach(
         &mut t,
         dr(k),
-        &[(Dir::FromClient, A), (Dir::FromClient, FA), (Dir::FromClient, A)],
+        &[
+            (Dir::FromClient, A),
+            (Dir::FromClient, FA),
+            (Dir::FromClient, A),
+        ],
     );
     assert_eq!(state(&t, id), FW);
     assert_eq!(t.lookup_client(&k, S), ClientLookup::Reused(id));
@@ -468,7 +509,10 @@ fn remove_clears_both_indexes_and_stales_the_id() {
     let reply = t.get(id).expect("e").reply_key().expect("nat");
     let e = t.remove(id).expect("removed");
     assert_eq!(e.key, k);
-    assert_eq!((t.lookup(&k), t.lookup_reply(&reply), t.len()), (None, None, 0));
+    assert_eq!(
+        (t.lookup(&k), t.lookup_reply(&reply), t.len()),
+        (None, None, 0)
+    );
     assert_eq!(t.remove(id), None);
     // The slot is reused by the next insert; the old id must not reach it.
     let id2 = t.insert(nat(tcp_key(2, 1)), S, 5).expect("insert");
@@ -487,8 +531,14 @@ fn table_full_is_an_error_and_loses_nothing() {
     let ids: Vec<_> = (0..3)
         .map(|i| t.insert(nat(tcp_key(i, 1)), S, 0).expect("insert"))
         .collect();
-    assert_eq!(t.insert(nat(tcp_key(9, 1)), S, 1), Err(ConntrackError::TableFull));
-    assert_eq!(t.insert(dr(tcp_key(9, 2)), A, 1), Err(ConntrackError::TableFull));
+    assert_eq!(
+        t.insert(nat(tcp_key(9, 1)), S, 1),
+        Err(ConntrackError::TableFull)
+    );
+    assert_eq!(
+        t.insert(dr(tcp_key(9, 2)), A, 1),
+        Err(ConntrackError::TableFull)
+    );
     assert_eq!(t.len(), 3);
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(t.lookup(&tcp_key(i as u32, 1)), Some(*id));
@@ -505,7 +555,10 @@ fn table_full_is_an_error_and_loses_nothing() {
 #[test]
 fn zero_capacity_table_refuses_everything() {
     let mut t = table(0);
-    assert_eq!(t.insert(nat(tcp_key(1, 1)), S, 0), Err(ConntrackError::TableFull));
+    assert_eq!(
+        t.insert(nat(tcp_key(1, 1)), S, 0),
+        Err(ConntrackError::TableFull)
+    );
     assert_eq!(t.expire(u64::MAX, usize::MAX, |_| {}), 0);
     assert_eq!(t.next_expiry_ms(), None);
 }
@@ -542,7 +595,10 @@ fn entry_is_alive_one_ms_before_expiry_and_gone_at_it() {
     assert_eq!(t.expire(due - 1, usize::MAX, |_| panic!("too early")), 0);
     assert_eq!(t.lookup(&k), Some(id));
     let mut seen = Vec::new();
-    assert_eq!(t.expire(due, usize::MAX, |e| seen.push((e.key, e.state))), 1);
+    assert_eq!(
+        t.expire(due, usize::MAX, |e| seen.push((e.key, e.state))),
+        1
+    );
     assert_eq!(seen, vec![(k, ES)]);
     assert_eq!(t.lookup(&k), None);
     assert_eq!(
@@ -575,11 +631,16 @@ fn every_state_expires_at_its_own_timeout() {
         }
         assert_eq!(state(&t, id), want);
         let last = if path.is_empty() { 10 } else { 100 };
-        assert_eq!(t.expire(last + timeout - 1, usize::MAX, |_| {}), 0, "{want}");
+        assert_eq!(
+            t.expire(last + timeout - 1, usize::MAX, |_| {}),
+            0,
+            "{want}"
+        );
         assert_eq!(t.expire(last + timeout, usize::MAX, |_| {}), 1, "{want}");
     }
     let mut t = table(2);
-    t.insert(nat(tcp_key(1, 1)), TcpFlags::NONE, 10).expect("insert");
+    t.insert(nat(tcp_key(1, 1)), TcpFlags::NONE, 10)
+        .expect("insert");
     assert_eq!(t.expire(2009, usize::MAX, |_| {}), 0);
     assert_eq!(t.expire(2010, usize::MAX, |_| {}), 1);
 }
@@ -613,7 +674,8 @@ fn state_change_moves_the_deadline_both_ways() {
 fn expire_removes_at_most_max_per_call_oldest_first() {
     let mut t = table(16);
     for i in 0..10 {
-        t.insert(nat(tcp_key(i, 1)), S, u64::from(i)).expect("insert");
+        t.insert(nat(tcp_key(i, 1)), S, u64::from(i))
+            .expect("insert");
     }
     let mut order = Vec::new();
     let now = 60_000 + 100;
@@ -674,7 +736,9 @@ fn huge_timeouts_saturate_instead_of_overflowing() {
         },
     )
     .expect("t");
-    let id = t.insert(nat(tcp_key(1, 1)), S, u64::MAX - 5).expect("insert");
+    let id = t
+        .insert(nat(tcp_key(1, 1)), S, u64::MAX - 5)
+        .expect("insert");
     assert_eq!(t.expires_ms(t.get(id).expect("e")), u64::MAX);
     assert_eq!(t.expire(u64::MAX - 1, usize::MAX, |_| {}), 0);
 }
@@ -696,8 +760,16 @@ fn clock_going_back_is_clamped() {
 fn entry_and_slot_stay_small() {
     // 40 and 56 bytes today (x86_64). A slot is what each of max_entries costs
     // in the slab, plus about 4 x 21 bytes of map buckets (see ConnTable::new).
-    assert!(size_of::<Entry>() <= 48, "Entry is {} bytes", size_of::<Entry>());
-    assert!(size_of::<Slot>() <= 64, "Slot is {} bytes", size_of::<Slot>());
+    assert!(
+        size_of::<Entry>() <= 48,
+        "Entry is {} bytes",
+        size_of::<Entry>()
+    );
+    assert!(
+        size_of::<Slot>() <= 64,
+        "Slot is {} bytes",
+        size_of::<Slot>()
+    );
     assert!(size_of::<Entry>() < 128);
 }
 
@@ -707,18 +779,30 @@ fn hundred_thousand_entries_fit() {
     let mut t = table(n as usize);
     let (fwd_cap, rep_cap) = (t.forward.capacity(), t.reply.capacity());
     for i in 0..n {
-        let k = FlowKey::new(proto::TCP, client(i / 50_000), (i % 50_000) as u16 + 1024, VIP, 80);
+        let k = FlowKey::new(
+            proto::TCP,
+            client(i / 50_000),
+            (i % 50_000) as u16 + 1024,
+            VIP,
+            80,
+        );
         t.insert(nat(k), S, u64::from(i)).expect("insert");
     }
     assert_eq!(t.len(), n as usize);
-    assert_eq!(t.insert(nat(tcp_key(999, 1)), S, 0), Err(ConntrackError::TableFull));
+    assert_eq!(
+        t.insert(nat(tcp_key(999, 1)), S, 0),
+        Err(ConntrackError::TableFull)
+    );
     let k = FlowKey::new(proto::TCP, client(1), 1024 + 7, VIP, 80);
     let id = t.lookup(&k).expect("present");
     assert_eq!(
         t.lookup_reply(&t.get(id).expect("e").reply_key().expect("nat")),
         Some(id)
     );
-    assert_eq!((t.forward.capacity(), t.reply.capacity()), (fwd_cap, rep_cap));
+    assert_eq!(
+        (t.forward.capacity(), t.reply.capacity()),
+        (fwd_cap, rep_cap)
+    );
     assert_eq!(t.expire(u64::MAX, usize::MAX, |_| {}), n as usize);
     assert!(t.is_empty() && t.forward.is_empty() && t.reply.is_empty());
 }
@@ -740,7 +824,13 @@ fn maps_never_grow_under_churn() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let k = FlowKey::new(proto::TCP, Ipv4Addr::from(rng as u32), (rng >> 32) as u16, VIP, 80);
+        let k = FlowKey::new(
+            proto::TCP,
+            Ipv4Addr::from(rng as u32),
+            (rng >> 32) as u16,
+            VIP,
+            80,
+        );
         match t.insert(nat(k), S, step) {
             Ok(id) => ids.push_back(id),
             Err(ConntrackError::TableFull) => {
@@ -750,10 +840,19 @@ fn maps_never_grow_under_churn() {
                     t.remove(id).expect("live");
                 }
             }
-            Err(e) => assert!(matches!(e, ConntrackError::Exists | ConntrackError::ReplyKeyInUse)),
+            Err(e) => assert!(matches!(
+                e,
+                ConntrackError::Exists | ConntrackError::ReplyKeyInUse
+            )),
         }
-        assert!(t.forward.capacity() <= caps.0, "forward map grew at step {step}");
-        assert!(t.reply.capacity() <= caps.1, "reply map grew at step {step}");
+        assert!(
+            t.forward.capacity() <= caps.0,
+            "forward map grew at step {step}"
+        );
+        assert!(
+            t.reply.capacity() <= caps.1,
+            "reply map grew at step {step}"
+        );
     }
     assert!(full > 10_000, "the churn must run at full table ({full})");
     assert_eq!(t.len(), ids.len());
@@ -836,14 +935,18 @@ fn model_timeouts() -> Timeouts {
 }
 
 fn model_reply(k: &FlowKey, m: &Model) -> Option<FlowKey> {
-    (m.method == Method::Nat).then(|| FlowKey::new(k.proto, m.backend_addr, 8080, k.src, k.src_port))
+    (m.method == Method::Nat)
+        .then(|| FlowKey::new(k.proto, m.backend_addr, 8080, k.src, k.src_port))
 }
 
 fn check(t: &ConnTable, model: &BTreeMap<FlowKey, Model>) {
     assert_eq!(t.len(), model.len());
     assert_eq!(t.forward.len(), model.len());
     assert_eq!(t.iter().count(), model.len());
-    let replies: Vec<_> = model.iter().filter_map(|(k, m)| model_reply(k, m)).collect();
+    let replies: Vec<_> = model
+        .iter()
+        .filter_map(|(k, m)| model_reply(k, m))
+        .collect();
     assert_eq!(t.reply.len(), replies.len());
     for i in 0..MODEL_KEYS {
         let k = model_key(i);

@@ -40,7 +40,9 @@ use rewrite::nat::{self, RewriteError};
 use rewrite::packet::{self, Kind, L4, ParseError, Parsed};
 
 use crate::config::{Config, Forward};
-use crate::conntrack::{ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, Timeouts};
+use crate::conntrack::{
+    ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, Timeouts,
+};
 use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
 use crate::sched::{BackendView, Scheduler};
@@ -130,7 +132,9 @@ pub fn drop_reason(e: ParseError) -> DropReason {
         ParseError::Truncated => DropReason::Runt,
         ParseError::UnsupportedEthertype | ParseError::ArpUnsupported => DropReason::NotIpv4,
         ParseError::ArpTruncated => DropReason::Runt,
-        ParseError::Ipv4Truncated | ParseError::BadVersion | ParseError::BadHeaderLength => DropReason::BadIpHeader,
+        ParseError::Ipv4Truncated | ParseError::BadVersion | ParseError::BadHeaderLength => {
+            DropReason::BadIpHeader
+        }
         ParseError::BadTotalLength => DropReason::BadTotalLength,
         ParseError::BadIpChecksum => DropReason::BadIpChecksum,
         ParseError::TcpTruncated
@@ -186,11 +190,20 @@ impl Engine {
                 .iter()
                 .map(|b| BackendRt {
                     addr: b.address.unwrap_or(s.vip),
-                    port: if b.forward == Forward::Nat { b.port } else { s.port },
+                    port: if b.forward == Forward::Nat {
+                        b.port
+                    } else {
+                        s.port
+                    },
                     method: b.forward,
                 })
                 .collect();
-            wanted.extend(backends.iter().filter(|b| b.method != Method::Local).map(|b| b.addr));
+            wanted.extend(
+                backends
+                    .iter()
+                    .filter(|b| b.method != Method::Local)
+                    .map(|b| b.addr),
+            );
             let views = s
                 .backends
                 .iter()
@@ -303,7 +316,9 @@ impl Engine {
         };
         match p.kind {
             Kind::Arp(a) => self.front_arp(&a, out),
-            Kind::Ipv4 { dst, fragment, l4, .. } => {
+            Kind::Ipv4 {
+                dst, fragment, l4, ..
+            } => {
                 if !self.is_vip(dst) {
                     return; // the kernel's (the node's own front address)
                 }
@@ -312,7 +327,9 @@ impl Engine {
                     return;
                 }
                 match l4 {
-                    L4::Tcp { .. } | L4::Udp { .. } => self.client_packet(frame, &p, meta, now_ms, out),
+                    L4::Tcp { .. } | L4::Udp { .. } => {
+                        self.client_packet(frame, &p, meta, now_ms, out)
+                    }
                     L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
                     L4::IcmpOther { .. } => {
                         // Echo and friends: the node's own stack answers for the VIP.
@@ -331,7 +348,9 @@ impl Engine {
             return;
         }
         let mut buf = [0u8; 64];
-        if let Ok(n) = rewrite::arp::write_reply(&mut buf, a, self.ifs.answer_mac, self.ifs.front_mac) {
+        if let Ok(n) =
+            rewrite::arp::write_reply(&mut buf, a, self.ifs.answer_mac, self.ifs.front_mac)
+        {
             self.send_front(out, &buf[..n]);
             self.stats
                 .arp_replies
@@ -339,7 +358,14 @@ impl Engine {
         }
     }
 
-    fn client_packet(&mut self, frame: &mut [u8], p: &Parsed, meta: RxMeta, now_ms: u64, out: &mut dyn Output) {
+    fn client_packet(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        meta: RxMeta,
+        now_ms: u64,
+        out: &mut dyn Output,
+    ) {
         let Some(key) = p.flow_key() else { return };
         let Some(&svc) = self.by_addr.get(&(key.dst, key.dst_port, key.proto)) else {
             self.drop(DropReason::NoService);
@@ -363,7 +389,8 @@ impl Engine {
             }
             ClientLookup::Reused(old) => {
                 if let Some(e) = self.conns.remove(old) {
-                    self.stats.conn_gone(e.service as usize, e.backend as usize, gauge(&e));
+                    self.stats
+                        .conn_gone(e.service as usize, e.backend as usize, gauge(&e));
                     self.unview(&e);
                 }
                 match self.new_conn(svc, key, flags, p, now_ms) {
@@ -376,7 +403,9 @@ impl Engine {
                 None => return,
             },
         };
-        let Some(e) = self.conns.get(id).copied() else { return };
+        let Some(e) = self.conns.get(id).copied() else {
+            return;
+        };
         if meta.csum_not_ready
             && let Err(err) = nat::complete_checksum(frame, p)
         {
@@ -384,7 +413,8 @@ impl Engine {
             return;
         }
         let bytes = ip_len(p);
-        self.stats.record_in(e.service as usize, e.backend as usize, bytes);
+        self.stats
+            .record_in(e.service as usize, e.backend as usize, bytes);
         match e.method {
             Method::Local => {
                 if let Some(ip) = ip_packet(frame, p) {
@@ -403,7 +433,14 @@ impl Engine {
     }
 
     /// Sends a (rewritten) frame to a backend on the back segment.
-    fn to_backend(&mut self, frame: &mut [u8], p: &Parsed, addr: Ipv4Addr, now_ms: u64, out: &mut dyn Output) {
+    fn to_backend(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        addr: Ipv4Addr,
+        now_ms: u64,
+        out: &mut dyn Output,
+    ) {
         let Some(mac) = self.neigh.lookup(addr, now_ms) else {
             self.drop(DropReason::NoNeighbor);
             return;
@@ -452,8 +489,16 @@ impl Engine {
             key,
             service: svc,
             backend: be as u16,
-            backend_addr: if b.method == Method::Nat { b.addr } else { b.addr },
-            backend_port: if b.method == Method::Nat { b.port } else { key.dst_port },
+            backend_addr: if b.method == Method::Nat {
+                b.addr
+            } else {
+                b.addr
+            },
+            backend_port: if b.method == Method::Nat {
+                b.port
+            } else {
+                key.dst_port
+            },
             method: b.method,
             client_mac: p.src_mac.0,
         };
@@ -483,12 +528,20 @@ impl Engine {
         let view = &mut self.services[svc as usize].views[be as usize];
         if activated {
             view.active_conns += 1;
-            self.stats
-                .conn_moved(svc as usize, be as usize, ConnGauge::Inactive, ConnGauge::Active);
+            self.stats.conn_moved(
+                svc as usize,
+                be as usize,
+                ConnGauge::Inactive,
+                ConnGauge::Active,
+            );
         } else if deactivated {
             view.active_conns = view.active_conns.saturating_sub(1);
-            self.stats
-                .conn_moved(svc as usize, be as usize, ConnGauge::Active, ConnGauge::Inactive);
+            self.stats.conn_moved(
+                svc as usize,
+                be as usize,
+                ConnGauge::Active,
+                ConnGauge::Inactive,
+            );
         }
     }
 
@@ -501,13 +554,21 @@ impl Engine {
 
     /// An ICMP error from the client side about a packet we sent it
     /// (VIP:vport -> client): it follows the flow to its backend.
-    fn client_icmp_error(&mut self, frame: &mut [u8], p: &Parsed, _meta: RxMeta, out: &mut dyn Output) {
+    fn client_icmp_error(
+        &mut self,
+        frame: &mut [u8],
+        p: &Parsed,
+        _meta: RxMeta,
+        out: &mut dyn Output,
+    ) {
         let Some(key) = p.flow_key() else { return };
         let Some(id) = self.conns.lookup(&key) else {
             self.drop(DropReason::NoConn);
             return;
         };
-        let Some(e) = self.conns.get(id).copied() else { return };
+        let Some(e) = self.conns.get(id).copied() else {
+            return;
+        };
         match e.method {
             Method::Local => {
                 if let Some(ip) = ip_packet(frame, p) {
@@ -515,7 +576,8 @@ impl Engine {
                 }
             }
             Method::Nat => {
-                if let Err(err) = nat::icmp_error_forward(frame, p, e.backend_addr, e.backend_port) {
+                if let Err(err) = nat::icmp_error_forward(frame, p, e.backend_addr, e.backend_port)
+                {
                     self.drop(rewrite_drop(err));
                     return;
                 }
@@ -534,7 +596,9 @@ impl Engine {
             Kind::Arp(a) => {
                 self.neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
             }
-            Kind::Ipv4 { dst, fragment, l4, .. } => {
+            Kind::Ipv4 {
+                dst, fragment, l4, ..
+            } => {
                 if self.back_local.contains(&dst) || dst.is_multicast() || dst.is_broadcast() {
                     return; // the kernel's
                 }
@@ -549,7 +613,9 @@ impl Engine {
                 };
                 match l4 {
                     L4::Tcp { flags, .. } => {
-                        if let Some(t) = self.conns.update(id, Dir::FromBackend, TcpFlags(flags.0), now_ms)
+                        if let Some(t) =
+                            self.conns
+                                .update(id, Dir::FromBackend, TcpFlags(flags.0), now_ms)
                             && let Some(e) = self.conns.get(id)
                         {
                             let (s, b) = (e.service, e.backend);
@@ -557,11 +623,14 @@ impl Engine {
                         }
                     }
                     L4::Udp { .. } => {
-                        self.conns.update(id, Dir::FromBackend, TcpFlags::NONE, now_ms);
+                        self.conns
+                            .update(id, Dir::FromBackend, TcpFlags::NONE, now_ms);
                     }
                     _ => {}
                 }
-                let Some(e) = self.conns.get(id).copied() else { return };
+                let Some(e) = self.conns.get(id).copied() else {
+                    return;
+                };
                 if meta.csum_not_ready
                     && matches!(l4, L4::Tcp { .. } | L4::Udp { .. })
                     && let Err(err) = nat::complete_checksum(frame, &p)
@@ -570,8 +639,12 @@ impl Engine {
                     return;
                 }
                 let r = match l4 {
-                    L4::Tcp { .. } | L4::Udp { .. } => nat::nat_reverse(frame, &p, e.key.dst, e.key.dst_port),
-                    L4::IcmpError { .. } => nat::icmp_error_reverse(frame, &p, e.key.dst, e.key.dst_port),
+                    L4::Tcp { .. } | L4::Udp { .. } => {
+                        nat::nat_reverse(frame, &p, e.key.dst, e.key.dst_port)
+                    }
+                    L4::IcmpError { .. } => {
+                        nat::icmp_error_reverse(frame, &p, e.key.dst, e.key.dst_port)
+                    }
                     _ => {
                         self.drop(DropReason::OtherProto);
                         return;
@@ -626,9 +699,12 @@ impl Engine {
             self.next_garp_ms = now_ms + 1000;
             for i in 0..self.vips.len() {
                 let vip = self.vips[i];
-                if let Ok(n) =
-                    rewrite::arp::write_gratuitous(&mut self.scratch, vip, self.ifs.answer_mac, self.ifs.front_mac)
-                {
+                if let Ok(n) = rewrite::arp::write_gratuitous(
+                    &mut self.scratch,
+                    vip,
+                    self.ifs.answer_mac,
+                    self.ifs.front_mac,
+                ) {
                     let f = self.scratch;
                     self.send_front(out, &f[..n]);
                 }

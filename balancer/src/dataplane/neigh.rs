@@ -61,7 +61,13 @@ impl Neighbors {
         if self.wanted.binary_search(&ip).is_err() || mac == [0; 6] || mac[0] & 1 == 1 {
             return false;
         }
-        self.entries.insert(ip, Entry { mac, seen_ms: now_ms });
+        self.entries.insert(
+            ip,
+            Entry {
+                mac,
+                seen_ms: now_ms,
+            },
+        );
         true
     }
 

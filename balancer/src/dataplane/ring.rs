@@ -132,7 +132,13 @@ fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T, what: &str) -> io::Result<()> {
+fn setsockopt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: &T,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: val points to a live T of the given size.
     let r = unsafe {
         libc::setsockopt(
@@ -148,7 +154,8 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T, what
 
 /// Interface index of `name`, or an error naming it.
 pub fn ifindex(name: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
     // SAFETY: c is a valid NUL-terminated string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if i == 0 {
@@ -183,7 +190,13 @@ fn open_ring(
     // SAFETY: raw is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let s = fd.as_raw_fd();
-    setsockopt(s, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V2, "PACKET_VERSION")?;
+    setsockopt(
+        s,
+        libc::SOL_PACKET,
+        libc::PACKET_VERSION,
+        &TPACKET_V2,
+        "PACKET_VERSION",
+    )?;
     let one: libc::c_int = 1;
     if protocol != 0 {
         setsockopt(
@@ -262,7 +275,8 @@ unsafe impl Send for RxRing {}
 impl RxRing {
     /// Opens a receive ring of at least `frames` slots on `ifname`.
     pub fn open(ifname: &str, frames: usize) -> io::Result<RxRing> {
-        let (fd, map, frames) = open_ring(ifname, libc::ETH_P_ALL as u16, libc::PACKET_RX_RING, frames)?;
+        let (fd, map, frames) =
+            open_ring(ifname, libc::ETH_P_ALL as u16, libc::PACKET_RX_RING, frames)?;
         Ok(RxRing {
             fd,
             map,

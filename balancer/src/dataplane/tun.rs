@@ -32,7 +32,8 @@ impl Tun {
     /// Creates (or attaches to) TUN device `name`, without packet info
     /// headers, non-blocking.
     pub fn open(name: &str) -> io::Result<Tun> {
-        let c = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+        let c = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
         let bytes = c.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
