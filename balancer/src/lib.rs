@@ -1,1 +1,11 @@
 //! The balancer node.
+
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod error;
+pub mod stats;
+
+pub use config::Config;
+pub use error::{ConfigError, ConfigErrorKind, Error, Result};
+pub use stats::{DropReason, Stats, StatusSnapshot};

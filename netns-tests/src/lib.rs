@@ -1,1 +1,6 @@
-//! Network-namespace test bed.
+//! Network-namespace test bed: a harness that builds hosts, bridges and
+//! links in namespaces of its own, plus the integration tests, `drill` and
+//! `bench` built on it. Everything needs root.
+
+pub mod client;
+pub mod topo;

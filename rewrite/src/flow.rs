@@ -31,8 +31,20 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    pub const fn new(proto: u8, src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16) -> Self {
-        FlowKey { proto, src, src_port, dst, dst_port }
+    pub const fn new(
+        proto: u8,
+        src: Ipv4Addr,
+        src_port: u16,
+        dst: Ipv4Addr,
+        dst_port: u16,
+    ) -> Self {
+        FlowKey {
+            proto,
+            src,
+            src_port,
+            dst,
+            dst_port,
+        }
     }
 
     /// The same flow seen from the other end.
@@ -66,7 +78,11 @@ impl core::fmt::Display for FlowKey {
             proto::ICMP => "icmp",
             _ => "ip",
         };
-        write!(f, "{p} {}:{} -> {}:{}", self.src, self.src_port, self.dst, self.dst_port)
+        write!(
+            f,
+            "{p} {}:{} -> {}:{}",
+            self.src, self.src_port, self.dst, self.dst_port
+        )
     }
 }
 
@@ -87,7 +103,10 @@ impl FlowHasher {
             b[i] = seed[8 + i];
             i += 1;
         }
-        FlowHasher { k0: u64::from_le_bytes(a), k1: u64::from_le_bytes(b) }
+        FlowHasher {
+            k0: u64::from_le_bytes(a),
+            k1: u64::from_le_bytes(b),
+        }
     }
 
     /// Hash of a flow as the client sent it (client -> VIP direction).
@@ -113,14 +132,26 @@ mod tests {
 
     #[test]
     fn reversed_twice_is_identity() {
-        let k = FlowKey::new(proto::TCP, Ipv4Addr::new(198, 18, 0, 2), 40000, Ipv4Addr::new(198, 18, 0, 100), 80);
+        let k = FlowKey::new(
+            proto::TCP,
+            Ipv4Addr::new(198, 18, 0, 2),
+            40000,
+            Ipv4Addr::new(198, 18, 0, 100),
+            80,
+        );
         assert_eq!(k.reversed().reversed(), k);
         assert_ne!(k.reversed(), k);
     }
 
     #[test]
     fn hash_depends_on_seed_and_is_stable() {
-        let k = FlowKey::new(proto::UDP, Ipv4Addr::new(1, 2, 3, 4), 1, Ipv4Addr::new(5, 6, 7, 8), 2);
+        let k = FlowKey::new(
+            proto::UDP,
+            Ipv4Addr::new(1, 2, 3, 4),
+            1,
+            Ipv4Addr::new(5, 6, 7, 8),
+            2,
+        );
         let a = FlowHasher::new([7; 16]);
         let b = FlowHasher::new([8; 16]);
         assert_eq!(a.hash(&k), FlowHasher::new([7; 16]).hash(&k));

@@ -1,0 +1,1748 @@
+//! The node's TOML config: raw structs as written (unknown keys refused,
+//! positions kept), then [`validate`](RawConfig::validate) into the plain
+//! [`Config`] the rest of the node uses.
+//!
+//! Every error, syntax or semantic, reads `FILE:LINE:COLUMN: KEY: message`
+//! where KEY is the dotted path (`service[1].backend[0].weight`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::error::{ConfigError, ConfigErrorKind as Kind, Error, Result};
+
+/// Seed of the flow hash when the config sets none. Nodes of one cluster
+/// must agree on it; a fixed default makes that the case out of the box.
+pub const DEFAULT_FLOW_HASH_SEED: [u8; 16] = *b"balancer-flowkey";
+/// TUN device for locally served flows when the config names none.
+pub const DEFAULT_LOCAL_TUN: &str = "lbtun0";
+/// Control socket when the config names none.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/balancer/balancer.sock";
+
+// ---------------------------------------------------------------------------
+// Validated config
+// ---------------------------------------------------------------------------
+
+/// A validated node config. Construct with [`Config::load`] or
+/// [`Config::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub source: PathBuf,
+    pub node: Node,
+    pub conntrack: Conntrack,
+    /// In file order; the dataplane and [`crate::stats::Stats`] index them
+    /// the same way.
+    pub services: Vec<Service>,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// Front NIC (clients, the VIP).
+    pub front: String,
+    /// Back NIC (real servers).
+    pub back: String,
+    /// Back-side gateway address with the back subnet's prefix; NAT real
+    /// servers route through it. Backends are on-link inside this subnet.
+    pub back_gateway: Ipv4Net,
+    /// TUN device for locally served flows.
+    pub local_tun: String,
+    pub control_socket: PathBuf,
+    pub flow_hash_seed: [u8; 16],
+}
+
+/// `[conntrack]`: IPVS-like timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conntrack {
+    pub max_entries: usize,
+    pub tcp_syn_recv: Duration,
+    pub tcp_established: Duration,
+    pub tcp_fin_wait: Duration,
+    pub tcp_close_wait: Duration,
+    pub tcp_last_ack: Duration,
+    pub tcp_time_wait: Duration,
+    pub tcp_close: Duration,
+    pub udp: Duration,
+    /// How often the dataplane runs expiry.
+    pub expire_interval: Duration,
+}
+
+impl Default for Conntrack {
+    /// The IPVS defaults (`ipvsadm --set` and the kernel's timeout table).
+    fn default() -> Self {
+        Conntrack {
+            max_entries: 1 << 20,
+            tcp_syn_recv: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(900),
+            tcp_fin_wait: Duration::from_secs(120),
+            tcp_close_wait: Duration::from_secs(60),
+            tcp_last_ack: Duration::from_secs(30),
+            tcp_time_wait: Duration::from_secs(120),
+            tcp_close: Duration::from_secs(10),
+            udp: Duration::from_secs(300),
+            expire_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// `[[service]]`: a virtual service VIP:port/protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    /// In file order; at least one.
+    pub backends: Vec<Backend>,
+}
+
+/// `[[service.backend]]`: a real server, or the node itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    /// `Some` for nat and dr (inside the back subnet), `None` for local.
+    pub address: Option<Ipv4Addr>,
+    /// Equal to the service port for dr and local.
+    pub port: u16,
+    /// 0 = drained: keeps its connections, gets no new ones.
+    pub weight: u16,
+    pub forward: Forward,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => rewrite::flow::proto::TCP,
+            Protocol::Udp => rewrite::flow::proto::UDP,
+        }
+    }
+}
+
+/// Scheduling algorithm of a service. To add one: a variant, its name in
+/// `as_str` and `ALL`; serde and `FromStr` follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Round robin.
+    Rr,
+    /// Weighted round robin.
+    Wrr,
+}
+
+impl Scheduler {
+    pub const ALL: [Scheduler; 2] = [Scheduler::Rr, Scheduler::Wrr];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+        }
+    }
+}
+
+/// How packets reach a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// Destination address and port rewritten; replies come back through
+    /// the node (its back gateway) and are rewritten back.
+    Nat,
+    /// Only the destination MAC rewritten; the real server holds the VIP
+    /// on `lo` and answers the client directly.
+    Dr,
+    /// Served by the node's own stack through the TUN device.
+    Local,
+}
+
+impl Forward {
+    pub const ALL: [Forward; 3] = [Forward::Nat, Forward::Dr, Forward::Local];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Forward::Nat => "nat",
+            Forward::Dr => "dr",
+            Forward::Local => "local",
+        }
+    }
+
+    /// The name `ipvsadm -L` shows for the method.
+    pub const fn ipvs_name(self) -> &'static str {
+        match self {
+            Forward::Nat => "Masq",
+            Forward::Dr => "Route",
+            Forward::Local => "Local",
+        }
+    }
+}
+
+macro_rules! str_enum_impls {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = Self::ALL.iter().map(|v| v.as_str()).collect();
+                        format!("unknown value `{s}`, expected one of {}", names.join(", "))
+                    })
+            }
+        }
+    )*};
+}
+str_enum_impls!(Protocol, Scheduler, Forward);
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only names the file in messages.
+    pub fn parse(text: &str, path: impl AsRef<Path>) -> Result<Config> {
+        RawConfig::parse(text, path.as_ref())?.validate()
+    }
+
+    /// The VIPs of all services, deduplicated, in order of first use.
+    pub fn vips(&self) -> Vec<Ipv4Addr> {
+        let mut vips: Vec<Ipv4Addr> = Vec::new();
+        for s in &self.services {
+            if !vips.contains(&s.vip) {
+                vips.push(s.vip);
+            }
+        }
+        vips
+    }
+
+    /// Whether any service has a `local` backend.
+    pub fn has_local(&self) -> bool {
+        self.services
+            .iter()
+            .any(|s| s.backends.iter().any(|b| b.forward == Forward::Local))
+    }
+
+    /// The index of the service for (vip, port, protocol), if any.
+    pub fn service_index(&self, vip: Ipv4Addr, port: u16, protocol: Protocol) -> Option<usize> {
+        self.services
+            .iter()
+            .position(|s| s.vip == vip && s.port == port && s.protocol == protocol)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw config, as written
+// ---------------------------------------------------------------------------
+
+/// The config as written, with positions, before semantic validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    node: Spanned<RawNode>,
+    #[serde(default)]
+    conntrack: Option<Spanned<RawConntrack>>,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+    #[serde(skip)]
+    ctx: Ctx,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Spanned<String>,
+    front: Spanned<String>,
+    back: Spanned<String>,
+    back_gateway: Spanned<String>,
+    local_tun: Option<Spanned<String>>,
+    control_socket: Option<Spanned<String>>,
+    flow_hash_seed: Option<Spanned<String>>,
+}
+
+type SpannedDuration = Spanned<humantime_serde::Serde<Duration>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    max_entries: Option<Spanned<i64>>,
+    tcp_syn_recv: Option<SpannedDuration>,
+    tcp_established: Option<SpannedDuration>,
+    tcp_fin_wait: Option<SpannedDuration>,
+    tcp_close_wait: Option<SpannedDuration>,
+    tcp_last_ack: Option<SpannedDuration>,
+    tcp_time_wait: Option<SpannedDuration>,
+    tcp_close: Option<SpannedDuration>,
+    udp: Option<SpannedDuration>,
+    expire_interval: Option<SpannedDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    vip: Spanned<String>,
+    port: Spanned<i64>,
+    protocol: Option<Spanned<Protocol>>,
+    scheduler: Option<Spanned<Scheduler>>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    weight: Option<Spanned<i64>>,
+    forward: Spanned<Forward>,
+}
+
+/// What validation needs to turn a byte offset into `FILE:LINE:COLUMN`.
+#[derive(Debug, Default)]
+struct Ctx {
+    file: PathBuf,
+    text: String,
+}
+
+impl Ctx {
+    fn err(
+        &self,
+        span: &Range<usize>,
+        key: impl Into<String>,
+        kind: Kind,
+        message: impl Into<String>,
+    ) -> Error {
+        let (line, column) = line_column(&self.text, span.start);
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            column,
+            key: key.into(),
+            kind,
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+/// 1-based line and character column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+impl RawConfig {
+    /// Parses TOML into the raw structs: syntax errors, unknown keys,
+    /// missing keys and wrong types are reported here.
+    pub fn parse(text: &str, path: &Path) -> Result<RawConfig> {
+        let ctx = Ctx {
+            file: path.to_path_buf(),
+            text: text.to_owned(),
+        };
+        // Parse the document first on its own: its tree gives the key path
+        // of any later serde error.
+        let tree = match DeTable::parse(text) {
+            Ok(tree) => tree,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let key = syntax_error_key(text, span.start);
+                return Err(ctx.err(&span, key, Kind::Syntax, first_line(e.message())));
+            }
+        };
+        match toml::from_str::<RawConfig>(text) {
+            Ok(mut raw) => {
+                raw.ctx = ctx;
+                Ok(raw)
+            }
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let message = first_line(e.message());
+                let (kind, missing) = classify_serde_error(&message);
+                let mut key = key_at(&tree, span.start).unwrap_or_default();
+                if let Some(field) = missing {
+                    if !key.is_empty() {
+                        key.push('.');
+                    }
+                    key.push_str(&field);
+                }
+                if key.is_empty() {
+                    key = "(document)".to_owned();
+                }
+                Err(ctx.err(&span, key, kind, message))
+            }
+        }
+    }
+}
+
+/// The key of a syntax error: the key on the error's line in what the
+/// parser could recover, else the table header on that line, else
+/// `(document)`.
+fn syntax_error_key(text: &str, offset: usize) -> String {
+    let (line, _) = line_column(text, offset);
+    let recovered = DeTable::parse_recoverable(text).0;
+    if let Some(key) = key_at(&recovered, offset) {
+        // Recovery can attach the offset to an unrelated element: only
+        // trust a key on the same line.
+        if text.lines().nth(line - 1).is_some_and(|l| {
+            let leaf = key.rsplit('.').next().unwrap_or(&key);
+            let leaf = leaf.split('[').next().unwrap_or(leaf);
+            l.contains(leaf)
+        }) {
+            return key;
+        }
+    }
+    let header = text.lines().nth(line - 1).map(str::trim).unwrap_or("");
+    if header.starts_with('[') {
+        let name = header.trim_matches(|c| c == '[' || c == ']' || c == ' ');
+        if !name.is_empty() {
+            return name.to_owned();
+        }
+    }
+    "(document)".to_owned()
+}
+
+fn first_line(message: &str) -> String {
+    message.trim().lines().next().unwrap_or("").to_owned()
+}
+
+/// The kind of a serde error from its message, and for a missing field its
+/// name (serde's messages are the only structure it offers).
+fn classify_serde_error(message: &str) -> (Kind, Option<String>) {
+    let quoted = |m: &str| m.split('`').nth(1).map(str::to_owned);
+    if message.starts_with("unknown field") {
+        (Kind::UnknownKey, None)
+    } else if message.starts_with("missing field") {
+        (Kind::MissingKey, quoted(message))
+    } else if message.contains("as i128")
+        || (message.starts_with("invalid value") && message.contains("expected i64"))
+    {
+        (Kind::OutOfRange, None)
+    } else {
+        (Kind::WrongType, None)
+    }
+}
+
+/// The dotted key path of the deepest key or value whose span contains
+/// `offset`; for a table (header) it is the table's path.
+fn key_at(root: &Spanned<DeTable<'_>>, offset: usize) -> Option<String> {
+    fn contains(span: &Range<usize>, offset: usize) -> bool {
+        span.contains(&offset) || (span.is_empty() && span.start == offset)
+    }
+    fn value(v: &Spanned<DeValue<'_>>, path: String, offset: usize) -> Option<String> {
+        match v.get_ref() {
+            DeValue::Table(t) => {
+                table(t, &path, offset).or_else(|| contains(&v.span(), offset).then_some(path))
+            }
+            DeValue::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, e)| value(e, format!("{path}[{i}]"), offset))
+                .or_else(|| contains(&v.span(), offset).then_some(path)),
+            _ => contains(&v.span(), offset).then_some(path),
+        }
+    }
+    fn table(t: &DeTable<'_>, prefix: &str, offset: usize) -> Option<String> {
+        t.iter().find_map(|(k, v)| {
+            let path = if prefix.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", k.get_ref())
+            };
+            if contains(&k.span(), offset) {
+                Some(path)
+            } else {
+                value(v, path, offset)
+            }
+        })
+    }
+    table(root.get_ref(), "", offset)
+}
+
+// ---------------------------------------------------------------------------
+// Semantic validation
+// ---------------------------------------------------------------------------
+
+/// Linux `dev_valid_name`: 1..=15 bytes, not `.`/`..`, no `/`, `:` or
+/// whitespace (`:` would also clash with the `DEV:N` alias labels).
+fn check_ifname(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("interface name `{name}` must be 1 to 15 bytes"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not a valid interface name"));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "interface name `{name}` must not contain '/', ':' or whitespace"
+        ));
+    }
+    Ok(())
+}
+
+/// Service and backend names are shown in `status` and logs: printable,
+/// 1..=64 characters.
+fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.chars().count() > 64 {
+        return Err("a name must be 1 to 64 characters".to_owned());
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("name `{name}` must not contain whitespace"));
+    }
+    Ok(())
+}
+
+fn parse_seed(text: &str) -> std::result::Result<[u8; 16], String> {
+    let text = text.trim_start_matches("0x");
+    if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("expected 32 hex digits (16 bytes)".to_owned());
+    }
+    let mut seed = [0u8; 16];
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(seed)
+}
+
+impl RawConfig {
+    /// Semantic validation into the plain [`Config`].
+    pub fn validate(self) -> Result<Config> {
+        let ctx = &self.ctx;
+        let node = self.validate_node()?;
+        let conntrack = self.validate_conntrack()?;
+
+        if self.service.is_empty() {
+            return Err(ctx.err(
+                &(ctx.text.len()..ctx.text.len()),
+                "service",
+                Kind::NoService,
+                "at least one [[service]] is required",
+            ));
+        }
+        let mut services: Vec<Service> = Vec::with_capacity(self.service.len());
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (si, raw) in self.service.iter().enumerate() {
+            let service = validate_service(ctx, &node, si, raw)?;
+            let key = format!("service[{si}]");
+            if let Some(prev) = names.insert(service.name.clone(), si) {
+                return Err(ctx.err(
+                    &raw.get_ref().name.span(),
+                    format!("{key}.name"),
+                    Kind::DuplicateName,
+                    format!(
+                        "service name `{}` is already used by service[{prev}]",
+                        service.name
+                    ),
+                ));
+            }
+            if let Some(prev) = services.iter().position(|s| {
+                s.vip == service.vip && s.port == service.port && s.protocol == service.protocol
+            }) {
+                return Err(ctx.err(
+                    &raw.span(),
+                    key,
+                    Kind::DuplicateService,
+                    format!(
+                        "{}:{}/{} is already defined by service[{prev}] `{}`",
+                        service.vip, service.port, service.protocol, services[prev].name
+                    ),
+                ));
+            }
+            services.push(service);
+        }
+        Ok(Config {
+            source: ctx.file.clone(),
+            node,
+            conntrack,
+            services,
+        })
+    }
+
+    fn validate_node(&self) -> Result<Node> {
+        let ctx = &self.ctx;
+        let raw = self.node.get_ref();
+
+        let name = raw.name.get_ref();
+        // Also the nft table name `balancer_<name>`: keep it an identifier.
+        if name.is_empty()
+            || name.len() > 32
+            || !name.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ctx.err(
+                &raw.name.span(),
+                "node.name",
+                Kind::BadValue,
+                format!(
+                    "node name `{name}` must be 1 to 32 ASCII letters, digits, '_' or '-', starting with a letter"
+                ),
+            ));
+        }
+
+        let mut ifaces: Vec<(&'static str, &Spanned<String>)> =
+            vec![("node.front", &raw.front), ("node.back", &raw.back)];
+        let default_tun = Spanned::new(0..0, DEFAULT_LOCAL_TUN.to_owned());
+        let tun = raw.local_tun.as_ref().unwrap_or(&default_tun);
+        ifaces.push(("node.local_tun", tun));
+        for (i, (key, value)) in ifaces.iter().enumerate() {
+            check_ifname(value.get_ref())
+                .map_err(|m| ctx.err(&value.span(), *key, Kind::BadInterfaceName, m))?;
+            if let Some((other, _)) = ifaces[..i]
+                .iter()
+                .find(|(_, v)| v.get_ref() == value.get_ref())
+            {
+                let span = if value.span().is_empty() {
+                    self.node.span()
+                } else {
+                    value.span()
+                };
+                return Err(ctx.err(
+                    &span,
+                    *key,
+                    Kind::SameInterface,
+                    format!(
+                        "`{}` is also {other}; the node needs distinct devices",
+                        value.get_ref()
+                    ),
+                ));
+            }
+        }
+
+        let gw_text = raw.back_gateway.get_ref();
+        let back_gateway: Ipv4Net = gw_text.parse().map_err(|_| {
+            ctx.err(
+                &raw.back_gateway.span(),
+                "node.back_gateway",
+                Kind::BadValue,
+                format!(
+                    "`{gw_text}` is not an IPv4 address with prefix length, like 198.19.0.1/24"
+                ),
+            )
+        })?;
+        if back_gateway.prefix_len() > 30
+            || back_gateway.addr() == back_gateway.network()
+            || back_gateway.addr() == back_gateway.broadcast()
+        {
+            return Err(ctx.err(
+                &raw.back_gateway.span(),
+                "node.back_gateway",
+                Kind::BadGateway,
+                format!(
+                    "`{back_gateway}` must be a host address of a subnet of /30 or larger (not its network or broadcast address)"
+                ),
+            ));
+        }
+
+        let control_socket = raw.control_socket.as_ref().map_or_else(
+            || PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            |s| PathBuf::from(s.get_ref()),
+        );
+        if let Some(s) = &raw.control_socket
+            && (s.get_ref().is_empty() || s.get_ref().ends_with('/'))
+        {
+            return Err(ctx.err(
+                &s.span(),
+                "node.control_socket",
+                Kind::BadValue,
+                "expected a socket file path",
+            ));
+        }
+
+        let flow_hash_seed = match &raw.flow_hash_seed {
+            None => DEFAULT_FLOW_HASH_SEED,
+            Some(s) => parse_seed(s.get_ref())
+                .map_err(|m| ctx.err(&s.span(), "node.flow_hash_seed", Kind::BadValue, m))?,
+        };
+
+        Ok(Node {
+            name: name.clone(),
+            front: raw.front.get_ref().clone(),
+            back: raw.back.get_ref().clone(),
+            back_gateway,
+            local_tun: tun.get_ref().clone(),
+            control_socket,
+            flow_hash_seed,
+        })
+    }
+
+    fn validate_conntrack(&self) -> Result<Conntrack> {
+        let ctx = &self.ctx;
+        let mut c = Conntrack::default();
+        let Some(raw) = &self.conntrack else {
+            return Ok(c);
+        };
+        let raw = raw.get_ref();
+        if let Some(m) = &raw.max_entries {
+            let v = *m.get_ref();
+            // The table is preallocated: keep it to what a node can hold.
+            if !(1..=(1 << 26)).contains(&v) {
+                return Err(ctx.err(
+                    &m.span(),
+                    "conntrack.max_entries",
+                    Kind::OutOfRange,
+                    format!("{v} is out of range 1..=67108864"),
+                ));
+            }
+            c.max_entries = usize::try_from(v).unwrap_or(c.max_entries);
+        }
+        let durations: [(&str, &Option<SpannedDuration>, &mut Duration); 9] = [
+            ("tcp_syn_recv", &raw.tcp_syn_recv, &mut c.tcp_syn_recv),
+            (
+                "tcp_established",
+                &raw.tcp_established,
+                &mut c.tcp_established,
+            ),
+            ("tcp_fin_wait", &raw.tcp_fin_wait, &mut c.tcp_fin_wait),
+            ("tcp_close_wait", &raw.tcp_close_wait, &mut c.tcp_close_wait),
+            ("tcp_last_ack", &raw.tcp_last_ack, &mut c.tcp_last_ack),
+            ("tcp_time_wait", &raw.tcp_time_wait, &mut c.tcp_time_wait),
+            ("tcp_close", &raw.tcp_close, &mut c.tcp_close),
+            ("udp", &raw.udp, &mut c.udp),
+            (
+                "expire_interval",
+                &raw.expire_interval,
+                &mut c.expire_interval,
+            ),
+        ];
+        for (key, value, slot) in durations {
+            if let Some(v) = value {
+                let d: Duration = **v.get_ref();
+                if d.is_zero() {
+                    return Err(ctx.err(
+                        &v.span(),
+                        format!("conntrack.{key}"),
+                        Kind::OutOfRange,
+                        "must be greater than zero",
+                    ));
+                }
+                *slot = d;
+            }
+        }
+        Ok(c)
+    }
+}
+
+fn check_port(ctx: &Ctx, value: &Spanned<i64>, key: &str) -> Result<u16> {
+    let v = *value.get_ref();
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(ctx.err(
+            &value.span(),
+            key,
+            Kind::OutOfRange,
+            format!("port {v} is out of range 1..=65535"),
+        )),
+    }
+}
+
+fn parse_addr(ctx: &Ctx, value: &Spanned<String>, key: &str) -> Result<Ipv4Addr> {
+    value.get_ref().parse().map_err(|_| {
+        ctx.err(
+            &value.span(),
+            key,
+            Kind::BadValue,
+            format!("`{}` is not an IPv4 address", value.get_ref()),
+        )
+    })
+}
+
+fn validate_service(
+    ctx: &Ctx,
+    node: &Node,
+    si: usize,
+    raw: &Spanned<RawService>,
+) -> Result<Service> {
+    let key = format!("service[{si}]");
+    let r = raw.get_ref();
+    let name = r.name.get_ref().clone();
+    check_name(&name)
+        .map_err(|m| ctx.err(&r.name.span(), format!("{key}.name"), Kind::BadValue, m))?;
+    let vip = parse_addr(ctx, &r.vip, &format!("{key}.vip"))?;
+    if vip.is_unspecified() || vip.is_multicast() || vip.is_broadcast() || vip.is_loopback() {
+        return Err(ctx.err(
+            &r.vip.span(),
+            format!("{key}.vip"),
+            Kind::BadValue,
+            format!("{vip} cannot be a service address"),
+        ));
+    }
+    let gw = node.back_gateway;
+    if gw.contains(&vip) {
+        return Err(ctx.err(
+            &r.vip.span(),
+            format!("{key}.vip"),
+            Kind::VipInBackSubnet,
+            format!(
+                "VIP {vip} is inside the back subnet {} of back_gateway; DR real servers hold the VIP on lo and would answer for it on the back segment",
+                gw.trunc()
+            ),
+        ));
+    }
+    let port = check_port(ctx, &r.port, &format!("{key}.port"))?;
+    let protocol = r.protocol.as_ref().map_or(Protocol::Tcp, |p| *p.get_ref());
+    let scheduler = r
+        .scheduler
+        .as_ref()
+        .map_or(Scheduler::Wrr, |s| *s.get_ref());
+
+    if r.backend.is_empty() {
+        return Err(ctx.err(
+            &raw.span(),
+            format!("{key}.backend"),
+            Kind::NoBackend,
+            format!("service `{name}` needs at least one [[service.backend]]"),
+        ));
+    }
+    let mut backends: Vec<Backend> = Vec::with_capacity(r.backend.len());
+    for (bi, rb) in r.backend.iter().enumerate() {
+        let bkey = format!("{key}.backend[{bi}]");
+        let b = rb.get_ref();
+        let forward = *b.forward.get_ref();
+        let address = match (forward, &b.address) {
+            (Forward::Local, Some(a)) => {
+                return Err(ctx.err(
+                    &a.span(),
+                    format!("{bkey}.address"),
+                    Kind::LocalWithAddress,
+                    "a local backend is the node itself and takes no address",
+                ));
+            }
+            (Forward::Local, None) => None,
+            (_, None) => {
+                return Err(ctx.err(
+                    &rb.span(),
+                    format!("{bkey}.address"),
+                    Kind::MissingAddress,
+                    format!("a {forward} backend needs an address"),
+                ));
+            }
+            (_, Some(a)) => {
+                let akey = format!("{bkey}.address");
+                let addr = parse_addr(ctx, a, &akey)?;
+                if addr == gw.addr() {
+                    return Err(ctx.err(
+                        &a.span(),
+                        akey,
+                        Kind::BackendIsGateway,
+                        format!("{addr} is the node's back_gateway"),
+                    ));
+                }
+                if !gw.contains(&addr) || addr == gw.network() || addr == gw.broadcast() {
+                    return Err(ctx.err(
+                        &a.span(),
+                        akey,
+                        Kind::BackendOffLink,
+                        format!(
+                            "{addr} is not a host of the back subnet {} (back_gateway); {forward} backends must be on-link on the back segment",
+                            gw.trunc()
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let bport = match &b.port {
+            None => port,
+            Some(p) => {
+                let pkey = format!("{bkey}.port");
+                let bp = check_port(ctx, p, &pkey)?;
+                if forward != Forward::Nat && bp != port {
+                    return Err(ctx.err(
+                        &p.span(),
+                        pkey,
+                        Kind::PortMismatch,
+                        format!(
+                            "a {forward} backend cannot change the port: must equal the service port {port} (only nat rewrites ports)"
+                        ),
+                    ));
+                }
+                bp
+            }
+        };
+        let weight = match &b.weight {
+            None => 1,
+            Some(w) => u16::try_from(*w.get_ref()).map_err(|_| {
+                ctx.err(
+                    &w.span(),
+                    format!("{bkey}.weight"),
+                    Kind::OutOfRange,
+                    format!("weight {} is out of range 0..=65535", w.get_ref()),
+                )
+            })?,
+        };
+        let name = match &b.name {
+            Some(n) => {
+                check_name(n.get_ref())
+                    .map_err(|m| ctx.err(&n.span(), format!("{bkey}.name"), Kind::BadValue, m))?;
+                n.get_ref().clone()
+            }
+            None => match address {
+                Some(a) => format!("{a}:{bport}"),
+                None => "local".to_owned(),
+            },
+        };
+        // Where to point a clash with an earlier backend: its address if
+        // written, else the table.
+        let here = b.address.as_ref().map_or_else(|| rb.span(), |a| a.span());
+        if forward == Forward::Local
+            && let Some(prev) = backends.iter().position(|x| x.forward == Forward::Local)
+        {
+            return Err(ctx.err(
+                &b.forward.span(),
+                format!("{bkey}.forward"),
+                Kind::SecondLocalBackend,
+                format!(
+                    "service `{}` already has a local backend: backend[{prev}]",
+                    r.name.get_ref()
+                ),
+            ));
+        }
+        if let Some(prev) = backends
+            .iter()
+            .position(|x| x.address.is_some() && x.address == address && x.port == bport)
+        {
+            return Err(ctx.err(
+                &here,
+                format!("{bkey}.address"),
+                Kind::DuplicateBackend,
+                format!(
+                    "{}:{bport} is already backend[{prev}] of this service",
+                    address.map_or_else(String::new, |a| a.to_string())
+                ),
+            ));
+        }
+        if let Some(prev) = backends.iter().position(|x| x.name == name) {
+            let (span, k) = match &b.name {
+                Some(n) => (n.span(), format!("{bkey}.name")),
+                None => (rb.span(), bkey.clone()),
+            };
+            return Err(ctx.err(
+                &span,
+                k,
+                Kind::DuplicateName,
+                format!("backend name `{name}` is already used by backend[{prev}]"),
+            ));
+        }
+        backends.push(Backend {
+            name,
+            address,
+            port: bport,
+            weight,
+            forward,
+        });
+    }
+    Ok(Service {
+        name,
+        vip,
+        port,
+        protocol,
+        scheduler,
+        backends,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines 1-5 of most test configs.
+    macro_rules! node {
+        () => {
+            "[node]\nname = \"lb1\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"198.19.0.1/24\"\n"
+        };
+    }
+
+    /// Asserts that `text` is refused with `test.toml:LINE:COLUMN: KEY: ...`
+    /// and `kind`; returns the message for further checks.
+    #[track_caller]
+    fn refused(text: &str, line: usize, column: usize, key: &str, kind: Kind) -> String {
+        let err = match Config::parse(text, "test.toml") {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(Error::Config(e)) => e,
+            Err(e) => panic!("not a config error: {e}"),
+        };
+        let shown = err.to_string();
+        let prefix = format!("test.toml:{line}:{column}: {key}: ");
+        assert!(
+            shown.starts_with(&prefix),
+            "expected `{prefix}...`, got `{shown}`"
+        );
+        assert_eq!(err.kind, kind, "{shown}");
+        shown
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let text = concat!(
+            node!(),
+            "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+            "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            "[[service.backend]]\nforward = \"local\"\n",
+        );
+        let c = Config::parse(text, "test.toml").expect("valid");
+        assert_eq!(c.node.local_tun, "lbtun0");
+        assert_eq!(
+            c.node.control_socket,
+            PathBuf::from("/run/balancer/balancer.sock")
+        );
+        assert_eq!(c.node.flow_hash_seed, DEFAULT_FLOW_HASH_SEED);
+        assert_eq!(c.node.back_gateway.to_string(), "198.19.0.1/24");
+        assert_eq!(c.conntrack, Conntrack::default());
+        let s = &c.services[0];
+        assert_eq!((s.protocol, s.scheduler), (Protocol::Tcp, Scheduler::Wrr));
+        assert_eq!(s.backends[0].name, "198.19.0.21:80");
+        assert_eq!((s.backends[0].port, s.backends[0].weight), (80, 1));
+        assert_eq!(s.backends[1].name, "local");
+        assert_eq!(s.backends[1].address, None);
+        assert!(c.has_local());
+        assert_eq!(
+            c.service_index("198.18.0.100".parse().expect("ip"), 80, Protocol::Tcp),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn full_config_sets_every_key() {
+        let text = concat!(
+            "[node]\nname = \"lb-2\"\nfront = \"eth0\"\nback = \"eth1\"\nback_gateway = \"10.1.0.1/16\"\n",
+            "local_tun = \"tun7\"\ncontrol_socket = \"/tmp/x.sock\"\n",
+            "flow_hash_seed = \"00112233445566778899aabbccddeeff\"\n",
+            "[conntrack]\nmax_entries = 1000\ntcp_syn_recv = \"1s\"\ntcp_established = \"2m\"\n",
+            "tcp_fin_wait = \"3s\"\ntcp_close_wait = \"4s\"\ntcp_last_ack = \"5s\"\ntcp_time_wait = \"6s\"\n",
+            "tcp_close = \"7s\"\nudp = \"8s\"\nexpire_interval = \"250ms\"\n",
+            "[[service]]\nname = \"dns\"\nvip = \"192.0.2.1\"\nport = 53\nprotocol = \"udp\"\nscheduler = \"rr\"\n",
+            "[[service.backend]]\nname = \"a\"\naddress = \"10.1.2.3\"\nport = 5353\nweight = 0\nforward = \"nat\"\n",
+            "[[service.backend]]\nname = \"b\"\naddress = \"10.1.2.4\"\nport = 53\nweight = 65535\nforward = \"dr\"\n",
+        );
+        let c = Config::parse(text, "test.toml").expect("valid");
+        assert_eq!(c.node.flow_hash_seed[0..3], [0x00, 0x11, 0x22]);
+        assert_eq!(c.node.flow_hash_seed[15], 0xff);
+        assert_eq!(c.conntrack.max_entries, 1000);
+        assert_eq!(c.conntrack.tcp_established, Duration::from_secs(120));
+        assert_eq!(c.conntrack.expire_interval, Duration::from_millis(250));
+        let s = &c.services[0];
+        assert_eq!((s.protocol, s.scheduler), (Protocol::Udp, Scheduler::Rr));
+        assert_eq!((s.backends[0].port, s.backends[0].weight), (5353, 0));
+        assert_eq!(
+            (s.backends[1].forward, s.backends[1].weight),
+            (Forward::Dr, 65535)
+        );
+    }
+
+    #[test]
+    fn enums_round_trip_through_their_names() {
+        for s in Scheduler::ALL {
+            assert_eq!(s.as_str().parse::<Scheduler>(), Ok(s));
+        }
+        for f in Forward::ALL {
+            assert_eq!(f.as_str().parse::<Forward>(), Ok(f));
+        }
+        for p in Protocol::ALL {
+            assert_eq!(p.as_str().parse::<Protocol>(), Ok(p));
+        }
+        assert!("lc".parse::<Scheduler>().is_err());
+    }
+
+    #[test]
+    fn error_column_counts_characters_not_bytes() {
+        assert_eq!(line_column("a\nü = x", 5), (2, 3));
+    }
+
+    // --- syntax and schema ------------------------------------------------
+
+    #[test]
+    fn rejects_invalid_toml() {
+        refused(
+            concat!(node!(), "[[service]\n"),
+            6,
+            11,
+            "service",
+            Kind::Syntax,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_key_in_backend() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\nwieght = 2\n",
+            ),
+            13,
+            1,
+            "service[0].backend[0].wieght",
+            Kind::UnknownKey,
+        );
+        assert!(m.contains("unknown field `wieght`"), "{m}");
+    }
+
+    #[test]
+    fn rejects_unknown_key_in_node() {
+        refused(
+            concat!(node!(), "vip = \"1.2.3.4\"\n"),
+            6,
+            1,
+            "node.vip",
+            Kind::UnknownKey,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_top_level_table() {
+        refused(
+            concat!(node!(), "[health]\n"),
+            6,
+            2,
+            "health",
+            Kind::UnknownKey,
+        );
+    }
+
+    #[test]
+    fn rejects_missing_back_gateway() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"front0\"\nback = \"back0\"\n",
+            1,
+            1,
+            "node.back_gateway",
+            Kind::MissingKey,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_without_forward() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\n",
+            ),
+            10,
+            1,
+            "service[0].backend[0].forward",
+            Kind::MissingKey,
+        );
+    }
+
+    #[test]
+    fn rejects_port_given_as_string() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = \"80\"\n"
+            ),
+            9,
+            8,
+            "service[0].port",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_scheduler() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\nscheduler = \"lc\"\n",
+            ),
+            10,
+            13,
+            "service[0].scheduler",
+            Kind::WrongType,
+        );
+        assert!(m.contains("`rr`"), "{m}");
+    }
+
+    #[test]
+    fn rejects_unknown_forward_method() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"tun\"\n",
+            ),
+            12,
+            11,
+            "service[0].backend[0].forward",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_duration() {
+        refused(
+            concat!(node!(), "[conntrack]\nudp = \"5 parsecs\"\n"),
+            7,
+            7,
+            "conntrack.udp",
+            Kind::WrongType,
+        );
+    }
+
+    // --- node ---------------------------------------------------------------
+
+    #[test]
+    fn rejects_node_name_unfit_for_the_nft_table_name() {
+        refused(
+            "[node]\nname = \"lb 1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            2,
+            8,
+            "node.name",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_interface_name_longer_than_15_bytes() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"front0123456789ab\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            3,
+            9,
+            "node.front",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_interface_name_with_slash() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b/0\"\nback_gateway = \"198.19.0.1/24\"\n",
+            4,
+            8,
+            "node.back",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_interface_name_with_whitespace() {
+        refused(
+            concat!(node!(), "local_tun = \"lb tun\"\n"),
+            6,
+            13,
+            "node.local_tun",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_empty_interface_name() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            3,
+            9,
+            "node.front",
+            Kind::BadInterfaceName,
+        );
+    }
+
+    #[test]
+    fn rejects_front_equal_to_back() {
+        let m = refused(
+            "[node]\nname = \"lb1\"\nfront = \"eth0\"\nback = \"eth0\"\nback_gateway = \"198.19.0.1/24\"\n",
+            4,
+            8,
+            "node.back",
+            Kind::SameInterface,
+        );
+        assert!(m.contains("node.front"), "{m}");
+    }
+
+    #[test]
+    fn rejects_tun_equal_to_front() {
+        refused(
+            concat!(node!(), "local_tun = \"front0\"\n"),
+            6,
+            13,
+            "node.local_tun",
+            Kind::SameInterface,
+        );
+    }
+
+    #[test]
+    fn rejects_back_gateway_without_prefix() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1\"\n",
+            5,
+            16,
+            "node.back_gateway",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_back_gateway_that_is_the_network_address() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.0/24\"\n",
+            5,
+            16,
+            "node.back_gateway",
+            Kind::BadGateway,
+        );
+    }
+
+    #[test]
+    fn rejects_back_gateway_with_a_host_prefix() {
+        refused(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1/32\"\n",
+            5,
+            16,
+            "node.back_gateway",
+            Kind::BadGateway,
+        );
+    }
+
+    #[test]
+    fn rejects_flow_hash_seed_of_wrong_length() {
+        refused(
+            concat!(node!(), "flow_hash_seed = \"0011\"\n"),
+            6,
+            18,
+            "node.flow_hash_seed",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_flow_hash_seed_with_non_hex_digits() {
+        refused(
+            concat!(
+                node!(),
+                "flow_hash_seed = \"00112233445566778899aabbccddeefg\"\n"
+            ),
+            6,
+            18,
+            "node.flow_hash_seed",
+            Kind::BadValue,
+        );
+    }
+
+    // --- conntrack -------------------------------------------------------------
+
+    #[test]
+    fn rejects_zero_timeout() {
+        refused(
+            concat!(node!(), "[conntrack]\ntcp_established = \"0s\"\n"),
+            7,
+            19,
+            "conntrack.tcp_established",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_expire_interval() {
+        refused(
+            concat!(node!(), "[conntrack]\nexpire_interval = \"0ms\"\n"),
+            7,
+            19,
+            "conntrack.expire_interval",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_max_entries() {
+        refused(
+            concat!(node!(), "[conntrack]\nmax_entries = 0\n"),
+            7,
+            15,
+            "conntrack.max_entries",
+            Kind::OutOfRange,
+        );
+    }
+
+    // --- services -------------------------------------------------------------
+
+    #[test]
+    fn rejects_config_without_service() {
+        refused(node!(), 6, 1, "service", Kind::NoService);
+    }
+
+    #[test]
+    fn rejects_service_without_backend() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n"
+            ),
+            6,
+            1,
+            "service[0].backend",
+            Kind::NoBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_service() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+                "[[service]]\nname = \"web2\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.22\"\nforward = \"nat\"\n",
+            ),
+            13,
+            1,
+            "service[1]",
+            Kind::DuplicateService,
+        );
+        assert!(m.contains("service[0]"), "{m}");
+    }
+
+    #[test]
+    fn accepts_same_vip_and_port_for_tcp_and_udp() {
+        let text = concat!(
+            node!(),
+            "[[service]]\nname = \"dns-tcp\"\nvip = \"198.18.0.100\"\nport = 53\n",
+            "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            "[[service]]\nname = \"dns-udp\"\nvip = \"198.18.0.100\"\nport = 53\nprotocol = \"udp\"\n",
+            "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+        );
+        assert_eq!(Config::parse(text, "t").expect("valid").services.len(), 2);
+    }
+
+    #[test]
+    fn rejects_duplicate_service_name() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 443\n",
+                "[[service.backend]]\naddress = \"198.19.0.22\"\nforward = \"nat\"\n",
+            ),
+            14,
+            8,
+            "service[1].name",
+            Kind::DuplicateName,
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_vip() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.300\"\nport = 80\n"
+            ),
+            8,
+            7,
+            "service[0].vip",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_vip_inside_the_back_subnet() {
+        let m = refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.19.0.100\"\nport = 80\n"
+            ),
+            8,
+            7,
+            "service[0].vip",
+            Kind::VipInBackSubnet,
+        );
+        assert!(m.contains("198.19.0.0/24"), "{m}");
+    }
+
+    #[test]
+    fn rejects_service_port_zero() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 0\n"
+            ),
+            9,
+            8,
+            "service[0].port",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_service_port_above_65535() {
+        refused(
+            concat!(
+                node!(),
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 65536\n"
+            ),
+            9,
+            8,
+            "service[0].port",
+            Kind::OutOfRange,
+        );
+    }
+
+    // --- backends -------------------------------------------------------------
+
+    /// A service at lines 6-9 followed by `backends` from line 10 on.
+    fn with_backends(backends: &str) -> String {
+        format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n{backends}",
+            node!()
+        )
+    }
+
+    #[test]
+    fn rejects_weight_above_65535() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nweight = 65536\nforward = \"nat\"\n",
+            ),
+            12,
+            10,
+            "service[0].backend[0].weight",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_negative_weight() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nweight = -1\nforward = \"nat\"\n",
+            ),
+            12,
+            10,
+            "service[0].backend[0].weight",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_port_zero() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 0\nforward = \"nat\"\n",
+            ),
+            12,
+            8,
+            "service[0].backend[0].port",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_dr_backend_with_another_port() {
+        let m = refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"dr\"\n",
+            ),
+            12,
+            8,
+            "service[0].backend[0].port",
+            Kind::PortMismatch,
+        );
+        assert!(m.contains("80"), "{m}");
+    }
+
+    #[test]
+    fn rejects_local_backend_with_another_port() {
+        refused(
+            &with_backends("[[service.backend]]\nport = 8080\nforward = \"local\"\n"),
+            11,
+            8,
+            "service[0].backend[0].port",
+            Kind::PortMismatch,
+        );
+    }
+
+    #[test]
+    fn accepts_nat_backend_with_another_port() {
+        let c = Config::parse(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nport = 8080\nforward = \"nat\"\n",
+            ),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.services[0].backends[0].port, 8080);
+    }
+
+    #[test]
+    fn rejects_local_backend_with_address() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"local\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::LocalWithAddress,
+        );
+    }
+
+    #[test]
+    fn rejects_second_local_backend() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\nforward = \"local\"\n[[service.backend]]\nname = \"again\"\nforward = \"local\"\n",
+            ),
+            14,
+            11,
+            "service[0].backend[1].forward",
+            Kind::SecondLocalBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_nat_backend_without_address() {
+        refused(
+            &with_backends("[[service.backend]]\nforward = \"nat\"\n"),
+            10,
+            1,
+            "service[0].backend[0].address",
+            Kind::MissingAddress,
+        );
+    }
+
+    #[test]
+    fn rejects_dr_backend_without_address() {
+        refused(
+            &with_backends("[[service.backend]]\nweight = 2\nforward = \"dr\"\n"),
+            10,
+            1,
+            "service[0].backend[0].address",
+            Kind::MissingAddress,
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_backend_address() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"rs1.example\"\nforward = \"nat\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_outside_the_back_subnet() {
+        let m = refused(
+            &with_backends("[[service.backend]]\naddress = \"198.20.0.21\"\nforward = \"dr\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BackendOffLink,
+        );
+        assert!(m.contains("on-link"), "{m}");
+    }
+
+    #[test]
+    fn rejects_backend_at_the_subnet_broadcast_address() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"198.19.0.255\"\nforward = \"nat\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BackendOffLink,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_equal_to_the_gateway() {
+        refused(
+            &with_backends("[[service.backend]]\naddress = \"198.19.0.1\"\nforward = \"nat\"\n"),
+            11,
+            11,
+            "service[0].backend[0].address",
+            Kind::BackendIsGateway,
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_backend() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n\
+                 [[service.backend]]\nname = \"other\"\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            ),
+            15,
+            11,
+            "service[0].backend[1].address",
+            Kind::DuplicateBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_backend_name() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\nname = \"rs\"\naddress = \"198.19.0.21\"\nforward = \"nat\"\n\
+                 [[service.backend]]\nname = \"rs\"\naddress = \"198.19.0.22\"\nforward = \"nat\"\n",
+            ),
+            15,
+            8,
+            "service[0].backend[1].name",
+            Kind::DuplicateName,
+        );
+    }
+
+    #[test]
+    fn rejects_empty_backend_name() {
+        refused(
+            &with_backends("[[service.backend]]\nname = \"\"\nforward = \"local\"\n"),
+            11,
+            8,
+            "service[0].backend[0].name",
+            Kind::BadValue,
+        );
+    }
+}

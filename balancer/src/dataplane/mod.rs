@@ -1,0 +1,7 @@
+//! The forwarding path: frame I/O on the front and back NICs, the TUN into
+//! the node's own stack, the back-segment neighbour table, and the engine
+//! that decides what happens to each frame.
+
+pub mod neigh;
+pub mod ring;
+pub mod tun;

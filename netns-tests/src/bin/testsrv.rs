@@ -1,0 +1,129 @@
+//! A small real server for the namespace tests: HTTP/1.1 over TCP (with
+//! keep-alive) and a UDP responder, each answer naming the server so a test
+//! can tell which backend a flow reached.
+//!
+//! `testsrv --name rs1 --tcp 0.0.0.0:8080 --udp 0.0.0.0:8080`
+//!
+//! HTTP: `GET /size/N` answers N bytes of body (a repeating pattern, so
+//! corruption is visible), with `X-Server: <name>` and `X-Peer: <client
+//! ip:port as seen by the server>`. Any other path answers 13 bytes.
+//! UDP: each datagram is answered with `<name> <peer> ` followed by the
+//! datagram's own bytes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+
+fn body_byte(i: usize) -> u8 {
+    b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36]
+}
+
+fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let lower = h.to_ascii_lowercase();
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+            if h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/");
+        let size = path
+            .strip_prefix("/size/")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(13);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nX-Server: {name}\r\nX-Peer: {peer}\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        out.write_all(head.as_bytes())?;
+        let mut buf = [0u8; 16384];
+        let mut sent = 0;
+        while sent < size {
+            let n = (size - sent).min(buf.len());
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = body_byte(sent + i);
+            }
+            out.write_all(&buf[..n])?;
+            sent += n;
+        }
+        out.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn main() {
+    let mut name = String::from("server");
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--name" => name = args.next().unwrap_or_default(),
+            "--tcp" => tcp.extend(args.next()),
+            "--udp" => udp.extend(args.next()),
+            other => {
+                eprintln!("testsrv: unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut threads = Vec::new();
+    for addr in tcp {
+        let l = match TcpListener::bind(&addr) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("testsrv: bind tcp {addr}: {e}");
+                std::process::exit(1);
+            }
+        };
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(s, &name);
+                });
+            }
+        }));
+    }
+    for addr in udp {
+        let s = match UdpSocket::bind(&addr) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("testsrv: bind udp {addr}: {e}");
+                std::process::exit(1);
+            }
+        };
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let mut out = Vec::with_capacity(65600);
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                out.clear();
+                out.extend_from_slice(format!("{name} {peer} ").as_bytes());
+                out.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&out, peer);
+            }
+        }));
+    }
+    println!("testsrv {name} ready");
+    for t in threads {
+        let _ = t.join();
+    }
+}
