@@ -642,3 +642,136 @@ fn membership_sees_peers_and_refuses_bad_heartbeats() -> Result<()> {
     println!("FIGURE membership dead detection at 100ms: {took:?}");
     Ok(())
 }
+
+/// A keepalived node in `h` (VRRPv3, same VRID and VIP as ours). Its notify
+/// script appends `ka INSTANCE KA state prio` lines to `notify.sh.log`.
+fn keepalived(b: &Bed, h: &Host, prio: u8, advert: &str) -> Result<Proc> {
+    let d = b.tb.dir();
+    let conf = d.join(format!("ka-{}.conf", h.role()));
+    let notify = d.join("notify.sh");
+    std::fs::write(
+        &conf,
+        format!(
+            "global_defs {{\n router_id ka_{role}\n vrrp_version 3\n script_user root\n enable_script_security\n}}\n\
+             vrrp_instance KA {{\n state BACKUP\n interface front0\n virtual_router_id 51\n priority {prio}\n advert_int {advert}\n\
+             notify \"{notify} ka\"\n virtual_ipaddress {{\n  {VIP}/24 dev front0 label front0:0\n }}\n}}\n",
+            role = h.role(),
+            notify = notify.display()
+        ),
+    )?;
+    let pid = d.join(format!("ka-{}.pid", h.role()));
+    let vpid = d.join(format!("ka-{}-vrrp.pid", h.role()));
+    let log = d.join(format!("ka-{}.log", h.role()));
+    h.spawn_logged(
+        &[
+            "keepalived",
+            "-n",
+            "-l",
+            "-D",
+            "-f",
+            &conf.display().to_string(),
+            "-p",
+            &pid.display().to_string(),
+            "-r",
+            &vpid.display().to_string(),
+        ],
+        Some(&log),
+    )
+}
+
+/// keepalived's latest state from its notify output.
+fn ka_state(b: &Bed) -> Option<String> {
+    let s = std::fs::read_to_string(b.tb.dir().join("notify.sh.log")).ok()?;
+    s.lines()
+        .filter(|l| l.contains(" ka INSTANCE KA "))
+        .last()
+        .and_then(|l| l.split_whitespace().nth(4))
+        .map(str::to_string)
+}
+
+#[test]
+fn keepalived_interop_both_ways_and_failover_both_directions() -> Result<()> {
+    // lb1 = ours (150), lb2 = keepalived (100).
+    let mut b = bed("hb-ka", &[spec(1, 150, "100ms"), spec(2, 100, "100ms")])?;
+    let ka_host = b.nodes[1].host.clone();
+    let mut ka = keepalived(&b, &ka_host, 100, "0.1")?;
+    b.nodes[0].start()?;
+    wait(Duration::from_secs(10), || {
+        is(&b.nodes[0].state(), "Master") && ka_state(&b).as_deref() == Some("BACKUP")
+    })
+    .with_context(|| {
+        format!(
+            "ours master / keepalived backup: {:?} {:?}",
+            b.nodes[0].state(),
+            ka_state(&b)
+        )
+    })?;
+    // Stable for a while: no flapping between the two implementations.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(is(&b.nodes[0].state(), "Master") && ka_state(&b).as_deref() == Some("BACKUP"));
+    // Ours dies: keepalived takes over.
+    let t0 = Instant::now();
+    if let Some(mut p) = b.nodes[0].proc.take() {
+        p.kill();
+    }
+    wait(Duration::from_secs(5), || {
+        ka_state(&b).as_deref() == Some("MASTER")
+    })
+    .context("keepalived did not take over")?;
+    println!(
+        "FIGURE ours->keepalived sigkill 100ms: keepalived MASTER notify after {:?}",
+        t0.elapsed()
+    );
+    // Ours back with higher priority: preempts keepalived.
+    b.nodes[0].start()?;
+    wait(Duration::from_secs(5), || {
+        is(&b.nodes[0].state(), "Master") && ka_state(&b).as_deref() == Some("BACKUP")
+    })
+    .with_context(|| {
+        format!(
+            "preempt over keepalived: {:?} {:?}",
+            b.nodes[0].state(),
+            ka_state(&b)
+        )
+    })?;
+    if let Some(mut p) = b.nodes[0].proc.take() {
+        p.signal(Signal::SIGTERM)?;
+        let _ = p.wait_timeout(Duration::from_secs(5));
+    }
+    ka.signal(Signal::SIGTERM)?;
+    let _ = ka.wait_timeout(Duration::from_secs(5));
+    drop(ka);
+
+    // Other way round: keepalived (200) on lb1's host, ours (100) on lb2.
+    let ka_host = b.nodes[0].host.clone();
+    std::fs::write(b.tb.dir().join("notify.sh.log"), "")?;
+    let mut ka = keepalived(&b, &ka_host, 200, "0.1")?;
+    b.nodes[1].start()?;
+    wait(Duration::from_secs(10), || {
+        is(&b.nodes[1].state(), "Backup") && ka_state(&b).as_deref() == Some("MASTER")
+    })
+    .with_context(|| {
+        format!(
+            "keepalived master / ours backup: {:?} {:?}",
+            b.nodes[1].state(),
+            ka_state(&b)
+        )
+    })?;
+    let st = b.nodes[1].status().context("status")?;
+    assert_eq!(
+        st["instances"][0]["master"], "198.18.0.11",
+        "ours agrees keepalived (lb1) is master: {st}"
+    );
+    let t0 = Instant::now();
+    ka.signal(Signal::SIGTERM)?;
+    let took = wait(Duration::from_secs(5), || is(&b.nodes[1].state(), "Master"))
+        .context("ours did not take over from keepalived")?;
+    println!("FIGURE keepalived->ours sigterm 100ms: ours Master after {took:?}");
+    let _ = ka.wait_timeout(Duration::from_secs(5));
+    // keepalived back (200, preempt by default): ours yields.
+    let _ka2 = keepalived(&b, &ka_host, 200, "0.1")?;
+    wait(Duration::from_secs(5), || is(&b.nodes[1].state(), "Backup"))
+        .context("ours did not yield to keepalived")?;
+    let _ = t0;
+    Ok(())
+}
