@@ -311,7 +311,6 @@ fn sigterm_hands_over_at_once_with_priority_zero() -> Result<()> {
     let mut b = bed("hb-term", &[spec(1, 150, "1s"), spec(2, 100, "1s")])?;
     converge(&mut b, 0, Duration::from_secs(15))?;
     wait(Duration::from_secs(3), || b.nodes[0].has_vip()).context("VIP on lb1")?;
-    let t0 = Instant::now();
     if let Some(p) = &b.nodes[0].proc {
         p.signal(Signal::SIGTERM)?;
     }
@@ -773,5 +772,62 @@ fn keepalived_interop_both_ways_and_failover_both_directions() -> Result<()> {
     wait(Duration::from_secs(5), || is(&b.nodes[1].state(), "Backup"))
         .context("ours did not yield to keepalived")?;
     let _ = t0;
+    Ok(())
+}
+
+/// Drill, not a timed test (run with `--ignored --nocapture`): time from a
+/// link cut / SIGKILL of the master until the backup reports Master, for
+/// ours (both nodes ours) and keepalived (both nodes keepalived), at 1 s
+/// and 100 ms adverts. Asserts only that a takeover happens.
+#[test]
+#[ignore]
+fn drill_failover_figures_ours_vs_keepalived() -> Result<()> {
+    for (iv, ka_iv) in [("100ms", "0.1"), ("1s", "1")] {
+        for how in ["cut", "kill"] {
+            let mut b = bed("hb-fig", &[spec(1, 150, iv), spec(2, 100, iv)])?;
+            converge(&mut b, 0, Duration::from_secs(15))?;
+            let t0 = Instant::now();
+            if how == "cut" {
+                b.tb.cut(&b.nodes[0].host, "front0")?;
+            } else if let Some(p) = &b.nodes[0].proc {
+                p.signal(Signal::SIGKILL)?;
+            }
+            let ours = wait(Duration::from_secs(10), || {
+                is(&b.nodes[1].state(), "Master")
+            })
+            .context("ours: no takeover")?;
+            drop(b);
+            let b = bed("hb-figka", &[spec(1, 150, iv), spec(2, 100, iv)])?;
+            let (h1, h2) = (b.nodes[0].host.clone(), b.nodes[1].host.clone());
+            let k1 = keepalived(&b, &h1, 150, ka_iv)?;
+            std::thread::sleep(Duration::from_millis(200));
+            // Second keepalived writes its notify lines as "ka" too; tell them apart by time order.
+            let _k2 = keepalived(&b, &h2, 100, ka_iv)?;
+            let log = b.tb.dir().join("notify.sh.log");
+            let masters = || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("KA MASTER"))
+                    .count()
+            };
+            wait(Duration::from_secs(15), || masters() >= 1).context("keepalived: no master")?;
+            std::thread::sleep(Duration::from_secs(if iv == "1s" { 5 } else { 1 }));
+            let before = masters();
+            let t0k = Instant::now();
+            if how == "cut" {
+                b.tb.cut(&h1, "front0")?;
+            } else {
+                k1.signal(Signal::SIGKILL)?;
+            }
+            let ka = wait(Duration::from_secs(10), || masters() > before)
+                .context("keepalived: no takeover")?;
+            println!(
+                "FIGURE {how} at {iv} adverts: ours {:?} keepalived {:?}",
+                ours, ka
+            );
+            let _ = (t0, t0k);
+        }
+    }
     Ok(())
 }
