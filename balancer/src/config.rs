@@ -493,7 +493,7 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
 }
 
 fn parse_seed(text: &str) -> std::result::Result<[u8; 16], String> {
-    let text = text.trim_start_matches("0x");
+    let text = text.strip_prefix("0x").unwrap_or(text);
     if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("expected 32 hex digits (16 bytes)".to_owned());
     }
