@@ -72,24 +72,43 @@ fn nat_serves_http_of_several_sizes_and_udp() -> Result<()> {
         Ok(v)
     })??;
     for (size, r) in &replies {
-        ensure!(r.status == 200 && r.body_len == *size && r.body_ok, "size {size}: {r:?}");
-        ensure!(r.server == "rs1" || r.server == "rs2", "size {size} answered by {}", r.server);
-        ensure!(r.peer.starts_with(&format!("{CLIENT}:")), "server saw {} not the client", r.peer);
+        ensure!(
+            r.status == 200 && r.body_len == *size && r.body_ok,
+            "size {size}: {r:?}"
+        );
+        ensure!(
+            r.server == "rs1" || r.server == "rs2",
+            "size {size} answered by {}",
+            r.server
+        );
+        ensure!(
+            r.peer.starts_with(&format!("{CLIENT}:")),
+            "server saw {} not the client",
+            r.peer
+        );
     }
     let udp = t.client.in_ns(|| -> Result<Vec<_>> {
-        (0..4).map(|i| udp_request(SingleNode::vip(53), format!("ping {i}").as_bytes(), T)).collect()
+        (0..4)
+            .map(|i| udp_request(SingleNode::vip(53), format!("ping {i}").as_bytes(), T))
+            .collect()
     })??;
     let names: Vec<&str> = udp.iter().map(|(n, _, _)| n.as_str()).collect();
     for (name, peer, echoed) in &udp {
         ensure!(*echoed, "UDP payload not echoed by {name}");
-        ensure!(peer.starts_with(&format!("{CLIENT}:")), "UDP server saw {peer}");
+        ensure!(
+            peer.starts_with(&format!("{CLIENT}:")),
+            "UDP server saw {peer}"
+        );
     }
     // rr over two servers: four datagrams from four source ports alternate.
     let mut count: HashMap<&str, usize> = HashMap::new();
     for n in &names {
         *count.entry(n).or_default() += 1;
     }
-    ensure!(count.get("rs1") == Some(&2) && count.get("rs2") == Some(&2), "rr UDP shares: {count:?}");
+    ensure!(
+        count.get("rs1") == Some(&2) && count.get("rs2") == Some(&2),
+        "rr UDP shares: {count:?}"
+    );
     Ok(())
 }
 
@@ -114,7 +133,10 @@ fn nat_long_lived_connection_keeps_its_server() -> Result<()> {
         Ok(seen)
     })??;
     ensure!(servers.len() > 40, "only {} requests in 4 s", servers.len());
-    ensure!(servers.iter().all(|s| *s == servers[0]), "connection moved between servers: {servers:?}");
+    ensure!(
+        servers.iter().all(|s| *s == servers[0]),
+        "connection moved between servers: {servers:?}"
+    );
     let _ = VIP;
     Ok(())
 }
