@@ -136,41 +136,39 @@ fn dataplane_loop(
 
 /// Runs a node until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), NodeError> {
+    // The TUN first: the setup plan turns off reverse-path filtering on it.
+    let tun = open_tun(&config)?;
     let plan = Plan::for_config(&config);
     // Make the host what the node needs; remember exactly what we changed.
     let applied = plan.apply()?;
-    let result = run_applied(&config);
+    let result = run_applied(&config, tun);
     if let Err(e) = applied.undo() {
         tracing::error!(error = %e, "undoing the host setup failed");
     }
     result
 }
 
-fn run_applied(config: &Config) -> Result<(), NodeError> {
+fn open_tun(config: &Config) -> Result<Option<Tun>, NodeError> {
+    if !config.has_local() {
+        return Ok(None);
+    }
+    let name = &config.node.local_tun;
+    let t = Tun::open(name).map_err(io_err(format!("TUN {name}")))?;
+    let st = std::process::Command::new("ip")
+        .args(["link", "set", name.as_str(), "up"])
+        .status()
+        .map_err(io_err("ip link set up"))?;
+    if !st.success() {
+        return Err(NodeError::Io {
+            what: format!("ip link set {name} up"),
+            source: io::Error::other("failed"),
+        });
+    }
+    Ok(Some(t))
+}
+
+fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let node = &config.node;
-    let tun = if config.has_local() {
-        let t = Tun::open(&node.local_tun).map_err(io_err(format!("TUN {}", node.local_tun)))?;
-        // Up, and no reverse-path filtering on it: packets enter it with client sources.
-        for cmd in [vec!["link", "set", node.local_tun.as_str(), "up"]] {
-            let st = std::process::Command::new("ip")
-                .args(&cmd)
-                .status()
-                .map_err(io_err("ip link set up"))?;
-            if !st.success() {
-                return Err(NodeError::Io {
-                    what: format!("ip {}", cmd.join(" ")),
-                    source: io::Error::other("failed"),
-                });
-            }
-        }
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv4/conf/{}/rp_filter", node.local_tun),
-            "0",
-        );
-        Some(t)
-    } else {
-        None
-    };
     let front_mac =
         interface_mac(&node.front).map_err(io_err(format!("front NIC {}", node.front)))?;
     let back_mac = interface_mac(&node.back).map_err(io_err(format!("back NIC {}", node.back)))?;
