@@ -121,6 +121,9 @@ impl Host {
             role: role.to_string(),
         };
         host.run(&["ip", "link", "set", "lo", "up"])?;
+        // IPv4 only: no IPv6 router/neighbour chatter in captures and counters.
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         Ok(host)
     }
 
