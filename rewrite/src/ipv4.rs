@@ -278,7 +278,8 @@ impl<'a> Ipv4Repr<'a> {
     /// the header length. With [`Checksum::Check`] the checksum is filled,
     /// else left zero.
     pub fn emit(&self, buf: &mut [u8], cs: Checksum) -> Result<usize, WireError> {
-        if self.options.len() > MAX_HEADER_LEN - HEADER_LEN || !self.options.len().is_multiple_of(4) {
+        if self.options.len() > MAX_HEADER_LEN - HEADER_LEN || !self.options.len().is_multiple_of(4)
+        {
             return Err(WireError::BadOptionsLength);
         }
         if !self.frag_offset.is_multiple_of(8) {
