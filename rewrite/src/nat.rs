@@ -219,7 +219,8 @@ pub fn set_macs(frame: &mut [u8], src: MacAddr, dst: MacAddr) -> Result<(), Rewr
 /// The quoted TCP checksum is at bytes 16..18 of the TCP header, past the 8
 /// bytes RFC 792 guarantees. When a sender quotes more (RFC 1812 §4.3.2.3;
 /// Linux quotes up to 576 bytes) it is updated like the others; when it is
-/// not there, nothing can be done and nothing needs to be: receivers match
+/// not there (or only one of its bytes is), nothing can be done and nothing
+/// needs to be: receivers match
 /// an error to a socket by the quoted addresses and ports (RFC 1122 §3.2.2,
 /// Linux `tcp_v4_err`) and never verify a quoted transport checksum.
 pub fn icmp_error_forward(
