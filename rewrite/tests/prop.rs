@@ -463,12 +463,12 @@ fn exercise(frame: Vec<u8>, other: &Spec) {
     let other_frame = build(other);
     let other_p = parse(&other_frame).unwrap();
     let own = parse(&frame);
-    let a = Ipv4Addr::new(198, 19, 0, 11);
+    const A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
     let ops: [&RewriteOp; 6] = [
-        &|f, p| nat::nat_forward(f, p, a, 8080),
-        &|f, p| nat::nat_reverse(f, p, a, 80),
-        &|f, p| nat::icmp_error_forward(f, p, a, 8080),
-        &|f, p| nat::icmp_error_reverse(f, p, a, 80),
+        &|f, p| nat::nat_forward(f, p, A, 8080),
+        &|f, p| nat::nat_reverse(f, p, A, 80),
+        &|f, p| nat::icmp_error_forward(f, p, A, 8080),
+        &|f, p| nat::icmp_error_reverse(f, p, A, 80),
         &|f, p| nat::complete_checksum(f, p),
         &|f, _| {
             nat::set_macs(
