@@ -483,7 +483,10 @@ fn exercise(frame: Vec<u8>, other: &Spec) {
             let mut f = frame.clone();
             match op(&mut f, p) {
                 Ok(()) => assert!(parse(&f).is_ok(), "a rewrite broke a frame that parsed"),
-                Err(_) => assert_eq!(f, frame, "a refused rewrite changed the frame"),
+                Err(e) => {
+                    assert_eq!(f, frame, "a refused rewrite changed the frame");
+                    assert_ne!(e, RewriteError::FrameMismatch, "parse and rewrite disagree");
+                }
             }
         }
         let mut f = frame.clone();
