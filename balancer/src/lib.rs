@@ -9,6 +9,7 @@ pub mod node;
 pub mod sched;
 pub mod setup;
 pub mod stats;
+pub mod sync;
 
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrorKind, Error, Result};
