@@ -121,6 +121,9 @@ impl Host {
             role: role.to_string(),
         };
         host.run(&["ip", "link", "set", "lo", "up"])?;
+        // IPv4 only: no IPv6 router/neighbour chatter in captures and counters.
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         Ok(host)
     }
 
@@ -483,6 +486,21 @@ impl Testbed {
         self.sw
             .run(&["sh", "-c", &format!("printf '{rules}' | nft -f -")])
             .map(|_| ())
+    }
+
+    /// Unplugs a host's cable at the switch: the switch port goes down, so
+    /// the host's interface loses carrier (what a pulled cable looks like).
+    pub fn unplug(&self, host: &Host, ifname: &str) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        self.sw
+            .run(&["ip", "link", "set", &port, "down"])
+            .map(|_| ())
+    }
+
+    /// Plugs back a cable pulled with [`Testbed::unplug`].
+    pub fn plug(&self, host: &Host, ifname: &str) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        self.sw.run(&["ip", "link", "set", &port, "up"]).map(|_| ())
     }
 
     /// The bridge port (in the switch namespace) of a host's interface.
