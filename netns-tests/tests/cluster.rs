@@ -190,3 +190,66 @@ fn sigterm_of_a_node_hands_over() -> Result<()> {
     );
     Ok(())
 }
+
+/// Connection sync: long-lived NAT connections owned by a node survive its
+/// SIGKILL — the survivor takes its buckets and its back gateway and
+/// continues each connection to the same real server.
+#[test]
+fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
+    let (c, _srv, nodes) = two_nodes("cl-sync")?;
+    // Open connections until some are served by each node's sub-cluster.
+    let conns = c
+        .client
+        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
+            let mut v = Vec::new();
+            for _ in 0..12 {
+                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
+                let server = h.get(100, false)?.server;
+                v.push((h, server));
+            }
+            Ok(v)
+        })??;
+    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
+    ensure!(
+        on_rs1 > 0 && on_rs1 < conns.len(),
+        "connections all on one node: {on_rs1} of {}",
+        conns.len()
+    );
+    // Give the sync datagrams a moment (they leave within a poll round).
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = nodes[0].pid().unwrap_or(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let broken = c.client.in_ns(move || {
+        let mut conns = conns;
+        let mut broken = Vec::new();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(4) {
+            for (i, (h, server)) in conns.iter_mut().enumerate() {
+                if broken.contains(&i) {
+                    continue;
+                }
+                match h.get(2000, false) {
+                    Ok(r) if r.server == *server && r.body_ok => {}
+                    other => {
+                        eprintln!("connection {i} to {server}: {other:?}");
+                        broken.push(i);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        broken
+    })?;
+    println!(
+        "FIGURE cluster SIGKILL: {} of 12 long-lived NAT connections broken ({on_rs1} were on the killed node)",
+        broken.len()
+    );
+    ensure!(
+        broken.is_empty(),
+        "long-lived connections broken: {broken:?}"
+    );
+    Ok(())
+}
