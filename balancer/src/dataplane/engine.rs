@@ -480,8 +480,8 @@ impl Engine {
         let s = &mut self.services[svc as usize];
         let hash = self.hasher.hash(&key);
         let Some(be) = s.sched.pick(&s.views, hash) else {
+            // Also counts the `no_backend` drop.
             self.stats.record_no_backend(svc as usize);
-            self.drop(DropReason::NoBackend);
             return None;
         };
         let b = &s.backends[be];
@@ -513,8 +513,8 @@ impl Engine {
                 Some(id)
             }
             Err(ConntrackError::TableFull) => {
+                // Also counts the `table_full` drop.
                 self.stats.record_table_full(svc as usize);
-                self.drop(DropReason::TableFull);
                 None
             }
             Err(_) => {
