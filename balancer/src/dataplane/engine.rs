@@ -330,7 +330,7 @@ impl Engine {
                     L4::Tcp { .. } | L4::Udp { .. } => {
                         self.client_packet(frame, &p, meta, now_ms, out)
                     }
-                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
+                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, now_ms, out),
                     L4::IcmpOther { .. } => {
                         // Echo and friends: the node's own stack answers for the VIP.
                         if let Some(ip) = ip_packet(frame, &p) {
@@ -558,7 +558,7 @@ impl Engine {
         &mut self,
         frame: &mut [u8],
         p: &Parsed,
-        _meta: RxMeta,
+        now_ms: u64,
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
@@ -581,9 +581,9 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out);
+                self.to_backend(frame, p, e.backend_addr, now_ms, out);
             }
-            Method::Dr => self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out),
+            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
         }
     }
 
