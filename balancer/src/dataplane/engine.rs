@@ -399,7 +399,7 @@ impl Engine {
                     L4::Tcp { .. } | L4::Udp { .. } => {
                         self.client_packet(frame, &p, meta, now_ms, out)
                     }
-                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
+                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, now_ms, out),
                     L4::IcmpOther { .. } => {
                         // Echo and friends: the node's own stack answers for
                         // the VIP (in a cluster, the node owning the "flow").
@@ -567,8 +567,8 @@ impl Engine {
         let s = &mut self.services[svc as usize];
         let hash = self.hasher.hash(&key);
         let Some(be) = s.sched.pick(&s.views, hash) else {
+            // Also counts the `no_backend` drop.
             self.stats.record_no_backend(svc as usize);
-            self.drop(DropReason::NoBackend);
             return None;
         };
         let b = &s.backends[be];
@@ -601,8 +601,8 @@ impl Engine {
                 Some(id)
             }
             Err(ConntrackError::TableFull) => {
+                // Also counts the `table_full` drop.
                 self.stats.record_table_full(svc as usize);
-                self.drop(DropReason::TableFull);
                 None
             }
             Err(_) => {
@@ -646,7 +646,7 @@ impl Engine {
         &mut self,
         frame: &mut [u8],
         p: &Parsed,
-        _meta: RxMeta,
+        now_ms: u64,
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
@@ -672,9 +672,9 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out);
+                self.to_backend(frame, p, e.backend_addr, now_ms, out);
             }
-            Method::Dr => self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out),
+            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
         }
     }
 
