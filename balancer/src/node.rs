@@ -31,6 +31,8 @@ pub enum NodeError {
     Balancer(#[from] crate::Error),
     #[error("connection table: {0}")]
     Conntrack(#[from] crate::conntrack::ConntrackError),
+    #[error(transparent)]
+    Peers(#[from] crate::peers::PeersError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
@@ -108,6 +110,7 @@ fn dataplane_loop(
     ];
     while !stop.load(Ordering::Relaxed) {
         let now_ms = t0.elapsed().as_millis() as u64;
+        engine.refresh();
         let mut sinks = Sinks {
             front: &mut front_tx,
             back: &mut back_tx,
@@ -136,56 +139,73 @@ fn dataplane_loop(
 
 /// Runs a node until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), NodeError> {
+    // The TUN first: the setup plan turns off reverse-path filtering on it.
+    let tun = open_tun(&config)?;
     let plan = Plan::for_config(&config);
     // Make the host what the node needs; remember exactly what we changed.
     let applied = plan.apply()?;
-    let result = run_applied(&config);
+    let result = run_applied(&config, tun);
     if let Err(e) = applied.undo() {
         tracing::error!(error = %e, "undoing the host setup failed");
     }
     result
 }
 
-fn run_applied(config: &Config) -> Result<(), NodeError> {
+fn open_tun(config: &Config) -> Result<Option<Tun>, NodeError> {
+    if !config.has_local() {
+        return Ok(None);
+    }
+    let name = &config.node.local_tun;
+    let t = Tun::open(name).map_err(io_err(format!("TUN {name}")))?;
+    let st = std::process::Command::new("ip")
+        .args(["link", "set", name.as_str(), "up"])
+        .status()
+        .map_err(io_err("ip link set up"))?;
+    if !st.success() {
+        return Err(NodeError::Io {
+            what: format!("ip link set {name} up"),
+            source: io::Error::other("failed"),
+        });
+    }
+    Ok(Some(t))
+}
+
+fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let node = &config.node;
-    let tun = if config.has_local() {
-        let t = Tun::open(&node.local_tun).map_err(io_err(format!("TUN {}", node.local_tun)))?;
-        // Up, and no reverse-path filtering on it: packets enter it with client sources.
-        for cmd in [vec!["link", "set", node.local_tun.as_str(), "up"]] {
-            let st = std::process::Command::new("ip")
-                .args(&cmd)
-                .status()
-                .map_err(io_err("ip link set up"))?;
-            if !st.success() {
-                return Err(NodeError::Io {
-                    what: format!("ip {}", cmd.join(" ")),
-                    source: io::Error::other("failed"),
-                });
-            }
-        }
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv4/conf/{}/rp_filter", node.local_tun),
-            "0",
-        );
-        Some(t)
-    } else {
-        None
-    };
     let front_mac =
         interface_mac(&node.front).map_err(io_err(format!("front NIC {}", node.front)))?;
     let back_mac = interface_mac(&node.back).map_err(io_err(format!("back NIC {}", node.back)))?;
     let back_local =
         interface_addrs(&node.back).map_err(io_err(format!("addresses of {}", node.back)))?;
+    // The source of our ARP requests on the back: the gateway alias on a
+    // single node; in a cluster the gateway moves, so the node's own address.
+    let back_addr = match (&config.cluster, back_local.first()) {
+        (Some(_), Some(a)) => *a,
+        _ => node.back_gateway.addr(),
+    };
     let ifs = Interfaces {
         front_mac,
         back_mac,
-        back_addr: node.back_gateway.addr(),
+        back_addr,
         answer_mac: front_mac,
     };
     let stats = Arc::new(Stats::new(config));
-    let engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let mut engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let peers = match &config.cluster {
+        Some(c) => {
+            let p = crate::peers::Peers::start(config, c)?;
+            engine = engine.with_cluster(p.shared.clone());
+            Some(p)
+        }
+        None => None,
+    };
     let front_rx =
         RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
+    if let Some(c) = &config.cluster {
+        front_rx
+            .add_multicast(&node.front, c.cluster_mac.0)
+            .map_err(io_err(format!("cluster MAC on {}", node.front)))?;
+    }
     let back_rx =
         RxRing::open(&node.back, 4096).map_err(io_err(format!("RX ring on {}", node.back)))?;
     let front_tx =
@@ -210,7 +230,11 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
         .enable_all()
         .build()
         .map_err(io_err("tokio runtime"))?;
+    let hb_handle = peers.as_ref().map(|p| p.handle.commander.clone());
     let served = rt.block_on(async {
+        if let Some(p) = peers {
+            tokio::spawn(p.run());
+        }
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {
             let mut term =
@@ -228,6 +252,11 @@ fn run_applied(config: &Config) -> Result<(), NodeError> {
         };
         server.serve(stats.clone(), shutdown).await
     });
+    if let Some(c) = hb_handle {
+        // Priority 0: a backup takes over at once (RFC 5798 §6.4.3).
+        c.send(heartbeat::driver::Command::Shutdown);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = dp.join();
     let _ = std::fs::remove_file(&node.control_socket);

@@ -121,6 +121,9 @@ impl Host {
             role: role.to_string(),
         };
         host.run(&["ip", "link", "set", "lo", "up"])?;
+        // IPv4 only: no IPv6 router/neighbour chatter in captures and counters.
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         Ok(host)
     }
 
@@ -435,19 +438,74 @@ impl Testbed {
             .with_context(|| format!("no link {ifname} on {}", host.role()))
     }
 
-    /// Cuts a host off its segment at the switch (the host still sees its
-    /// link up, as when a cable beyond the NIC fails or a switch port dies).
+    /// Cuts a host off its segment at the switch, silently: the host's
+    /// link stays up (carrier and all), frames to and from it are dropped
+    /// by the bridge, as when a switch port or a cable beyond the NIC fails
+    /// without the NIC noticing. Several cuts make a partition.
     pub fn cut(&self, host: &Host, ifname: &str) -> Result<()> {
         let port = self.port_of(host, ifname)?;
+        self.ensure_cut_table()?;
         self.sw
-            .run(&["ip", "link", "set", &port, "down"])
+            .run(&[
+                "nft",
+                "add",
+                "element",
+                "bridge",
+                "testbed",
+                "cut",
+                &format!("{{ {port} }}"),
+            ])
             .map(|_| ())
     }
 
     /// Restores a link cut with [`Testbed::cut`].
     pub fn heal(&self, host: &Host, ifname: &str) -> Result<()> {
         let port = self.port_of(host, ifname)?;
+        self.sw
+            .run(&[
+                "nft",
+                "delete",
+                "element",
+                "bridge",
+                "testbed",
+                "cut",
+                &format!("{{ {port} }}"),
+            ])
+            .map(|_| ())
+    }
+
+    fn ensure_cut_table(&self) -> Result<()> {
+        if self
+            .sw
+            .run(&["nft", "list", "set", "bridge", "testbed", "cut"])
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let rules = "table bridge testbed {\n set cut { type ifname; }\n chain forward { type filter hook forward priority 0; iifname @cut drop; oifname @cut drop; }\n}\n";
+        self.sw
+            .run(&["sh", "-c", &format!("printf '{rules}' | nft -f -")])
+            .map(|_| ())
+    }
+
+    /// Unplugs a host's cable at the switch: the switch port goes down, so
+    /// the host's interface loses carrier (what a pulled cable looks like).
+    pub fn unplug(&self, host: &Host, ifname: &str) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        self.sw
+            .run(&["ip", "link", "set", &port, "down"])
+            .map(|_| ())
+    }
+
+    /// Plugs back a cable pulled with [`Testbed::unplug`].
+    pub fn plug(&self, host: &Host, ifname: &str) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
         self.sw.run(&["ip", "link", "set", &port, "up"]).map(|_| ())
+    }
+
+    /// The bridge port (in the switch namespace) of a host's interface.
+    pub fn port(&self, host: &Host, ifname: &str) -> Result<String> {
+        self.port_of(host, ifname)
     }
 
     /// Sets the host's own interface down (the host sees carrier loss).

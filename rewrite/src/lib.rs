@@ -32,6 +32,7 @@ pub mod ethernet;
 pub mod flow;
 pub mod icmp;
 pub mod ipv4;
+pub mod maglev;
 pub mod nat;
 pub mod packet;
 pub mod tcp;

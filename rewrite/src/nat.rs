@@ -219,7 +219,8 @@ pub fn set_macs(frame: &mut [u8], src: MacAddr, dst: MacAddr) -> Result<(), Rewr
 /// The quoted TCP checksum is at bytes 16..18 of the TCP header, past the 8
 /// bytes RFC 792 guarantees. When a sender quotes more (RFC 1812 §4.3.2.3;
 /// Linux quotes up to 576 bytes) it is updated like the others; when it is
-/// not there, nothing can be done and nothing needs to be: receivers match
+/// not there (or only one of its bytes is), nothing can be done and nothing
+/// needs to be: receivers match
 /// an error to a socket by the quoted addresses and ports (RFC 1122 §3.2.2,
 /// Linux `tcp_v4_err`) and never verify a quoted transport checksum.
 pub fn icmp_error_forward(
@@ -294,13 +295,16 @@ fn rewrite_quote(
     addr: Ipv4Addr,
     port: u16,
 ) -> Result<(), RewriteError> {
+    // The quote's own length, not the quoted total length: parse accepted
+    // the error on the same test (a quoted total length may be anything).
+    let quote_len = quote.len();
     let mut qip =
         Ipv4Packet::new_checked_quoted(&mut *quote).map_err(|_| RewriteError::FrameMismatch)?;
     let hl = qip.header_len();
     let qproto = qip.protocol();
     // Only a first fragment's 8 bytes are a transport header.
     let ports = matches!(qproto, proto::TCP | proto::UDP) && qip.frag_offset() == 0;
-    if quote_len(&qip) < hl + QUOTED_L4_LEN {
+    if quote_len < hl + QUOTED_L4_LEN {
         return Err(RewriteError::FrameMismatch);
     }
     let old_addr = match side {
@@ -337,10 +341,6 @@ fn rewrite_quote(
         cs.copy_from_slice(&new.to_be_bytes());
     }
     Ok(())
-}
-
-fn quote_len<T: AsRef<[u8]>>(p: &Ipv4Packet<T>) -> usize {
-    p.header_len() + p.payload().len()
 }
 
 /// Computes the full transport checksum of a frame whose checksum field is
@@ -626,6 +626,24 @@ mod tests {
             Err(RewriteError::FrameMismatch)
         );
         assert_eq!(tcp, TCP_GET);
+    }
+
+    #[test]
+    fn quoted_total_length_shorter_than_the_quote_is_still_rewritten() {
+        // parse accepts an error whose quoted header claims a total length
+        // of 20 (the quote still holds 8 more bytes); the rewrite must too.
+        let mut f = ICMP_PORT_UNREACH;
+        f[44..46].copy_from_slice(&20u16.to_be_bytes());
+        f[52..54].fill(0);
+        let c = !checksum::data(&f[42..62]);
+        f[52..54].copy_from_slice(&c.to_be_bytes());
+        IcmpPacket::new_checked(&mut f[34..])
+            .unwrap()
+            .fill_checksum();
+        let p = parse(&f).unwrap();
+        icmp_error_reverse(&mut f, &p, VIP, 53).unwrap();
+        assert!(verify(&f));
+        assert_eq!(&f[64..66], &53u16.to_be_bytes());
     }
 
     #[test]
