@@ -2,24 +2,31 @@
 
 use anyhow::{Context, Result};
 
-/// User plus system CPU time of the whole process (all threads), in clock
-/// ticks: fields 14 (utime) and 15 (stime) of `/proc/<pid>/stat`.
-pub fn cpu_ticks(pid: i32) -> Result<u64> {
+/// CPU time of the whole process (all threads) in clock ticks: fields 14
+/// (utime) and 15 (stime) of `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub system: u64,
+}
+
+pub fn cpu_ticks(pid: i32) -> Result<CpuTicks> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     parse_cpu_ticks(&text).with_context(|| format!("parsing /proc/{pid}/stat: {text}"))
 }
 
-/// Parses utime + stime out of a `stat` line. The command name (field 2)
-/// is in parentheses and may hold spaces or parentheses itself, so fields
-/// are counted from the last `)`.
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+/// Parses utime and stime out of a `stat` line. The command name (field
+/// 2) is in parentheses and may hold spaces or parentheses itself, so
+/// fields are counted from the last `)`.
+pub fn parse_cpu_ticks(stat: &str) -> Option<CpuTicks> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state): field N is fields[N - 3].
-    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
-    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
-    Some(utime + stime)
+    Some(CpuTicks {
+        user: fields.get(14 - 3)?.parse().ok()?,
+        system: fields.get(15 - 3)?.parse().ok()?,
+    })
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`).
@@ -74,7 +81,13 @@ mod tests {
     fn cpu_ticks_are_counted_after_a_command_name_with_spaces_and_parens() {
         let stat = "4242 (bal (x) y) S 1 4242 4242 0 -1 4194560 1200 0 0 0 731 269 0 0 20 0 3 0 \
                     123456 10000000 2000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(731 + 269));
+        assert_eq!(
+            parse_cpu_ticks(stat),
+            Some(CpuTicks {
+                user: 731,
+                system: 269
+            })
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Round {
     /// Balancer CPU time (user + system, all threads) per frame it
     /// received (front + back + TUN), over the three loads; our paths only.
     pub cpu_us_per_pkt: Option<f64>,
+    /// The user and system parts of `cpu_us_per_pkt`.
+    pub cpu_user_us_per_pkt: Option<f64>,
+    pub cpu_sys_us_per_pkt: Option<f64>,
     pub cpu_us_per_pkt_keepalive: Option<f64>,
     pub cpu_us_per_pkt_close: Option<f64>,
     pub cpu_us_per_pkt_udp: Option<f64>,
@@ -89,6 +92,9 @@ pub struct PathResult {
     pub udp_p50_us: f64,
     pub udp_p99_us: f64,
     pub cpu_us_per_pkt: Option<f64>,
+    /// The user and system parts of `cpu_us_per_pkt`.
+    pub cpu_user_us_per_pkt: Option<f64>,
+    pub cpu_sys_us_per_pkt: Option<f64>,
     pub cpu_us_per_pkt_keepalive: Option<f64>,
     pub cpu_us_per_pkt_close: Option<f64>,
     pub cpu_us_per_pkt_udp: Option<f64>,
@@ -141,6 +147,8 @@ impl PathResult {
             udp_p50_us: med(|r| r.udp_p50_us),
             udp_p99_us: med(|r| r.udp_p99_us),
             cpu_us_per_pkt: med_opt(|r| r.cpu_us_per_pkt),
+            cpu_user_us_per_pkt: med_opt(|r| r.cpu_user_us_per_pkt),
+            cpu_sys_us_per_pkt: med_opt(|r| r.cpu_sys_us_per_pkt),
             cpu_us_per_pkt_keepalive: med_opt(|r| r.cpu_us_per_pkt_keepalive),
             cpu_us_per_pkt_close: med_opt(|r| r.cpu_us_per_pkt_close),
             cpu_us_per_pkt_udp: med_opt(|r| r.cpu_us_per_pkt_udp),
@@ -224,8 +232,14 @@ pub fn figures_table(results: &[PathResult]) -> String {
                 format!("{:.2}/{:.2}", r.close_p50_ms, r.close_p99_ms),
                 thousands(r.udp_pps),
                 format!("{:.0}/{:.0}", r.udp_p50_us, r.udp_p99_us),
-                r.cpu_us_per_pkt
-                    .map_or("-".to_owned(), |c| format!("{c:.2}")),
+                match (
+                    r.cpu_us_per_pkt,
+                    r.cpu_user_us_per_pkt,
+                    r.cpu_sys_us_per_pkt,
+                ) {
+                    (Some(c), Some(u), Some(s)) => format!("{c:.2} ({u:.2}+{s:.2})"),
+                    _ => "-".to_owned(),
+                },
             ]
         })
         .collect();
@@ -238,7 +252,7 @@ pub fn figures_table(results: &[PathResult]) -> String {
             "p50/p99 ms",
             "UDP pps",
             "p50/p99 µs",
-            "CPU µs/pkt",
+            "CPU µs/pkt (usr+sys)",
         ],
         &rows,
     )

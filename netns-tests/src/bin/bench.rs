@@ -95,6 +95,7 @@ fn main() -> Result<()> {
     let nginx_build = servers::nginx_build()?;
 
     let started = Instant::now();
+    let load_start = loadavg();
     let prefix = format!("lbt{}x", std::process::id());
     let (mut results, memory) = {
         let bed = SingleNode::new(
@@ -144,6 +145,10 @@ fn main() -> Result<()> {
         args.connections,
         &nginx_build,
         started.elapsed(),
+    );
+    println!(
+        "machine load average (1 min): {load_start} at start, {} at end (other work on the machine adds noise)",
+        loadavg()
     );
     if left.is_empty() {
         println!("namespaces left behind: none");
@@ -217,7 +222,7 @@ fn start_backends(bed: &SingleNode, nginx_build: &str) -> Result<Vec<Proc>> {
 /// CPU ticks of the balancer and frames it has received, at one moment.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    ticks: u64,
+    cpu: procfs::CpuTicks,
     frames: u64,
 }
 
@@ -227,7 +232,7 @@ fn sample(bed: &SingleNode, up: &Up) -> Result<Option<Sample>> {
     };
     let snap = status(bed)?;
     Ok(Some(Sample {
-        ticks: procfs::cpu_ticks(pid)?,
+        cpu: procfs::cpu_ticks(pid)?,
         frames: rx_frames(&snap),
     }))
 }
@@ -259,12 +264,14 @@ fn drops(status: &StatusSnapshot, reason: DropReason) -> u64 {
         .map_or(0, |d| d.count)
 }
 
-/// CPU µs per frame between two samples.
-fn cpu_per_frame(a: Option<Sample>, b: Option<Sample>) -> Option<f64> {
+/// CPU µs per frame between two samples: (user + system, user, system).
+fn cpu_per_frame(a: Option<Sample>, b: Option<Sample>) -> Option<(f64, f64, f64)> {
     let (a, b) = (a?, b?);
-    let frames = b.frames.checked_sub(a.frames).filter(|f| *f > 0)?;
-    let us = b.ticks.saturating_sub(a.ticks) as f64 * 1e6 / procfs::clock_ticks_per_sec() as f64;
-    Some(us / frames as f64)
+    let frames = b.frames.checked_sub(a.frames).filter(|f| *f > 0)? as f64;
+    let us = |t: u64| t as f64 * 1e6 / procfs::clock_ticks_per_sec() as f64 / frames;
+    let user = us(b.cpu.user.saturating_sub(a.cpu.user));
+    let system = us(b.cpu.system.saturating_sub(a.cpu.system));
+    Some((user + system, user, system))
 }
 
 /// The three loads on a path that is up.
@@ -300,10 +307,12 @@ fn measure(bed: &SingleNode, up: &Up, duration: Duration, conns: u32) -> Result<
         udp_answered: u.counts.answered,
         udp_lost: u.counts.lost,
         udp_late: u.counts.late,
-        cpu_us_per_pkt: cpu_per_frame(s0, s3),
-        cpu_us_per_pkt_keepalive: cpu_per_frame(s0, s1),
-        cpu_us_per_pkt_close: cpu_per_frame(s1, s2),
-        cpu_us_per_pkt_udp: cpu_per_frame(s2, s3),
+        cpu_us_per_pkt: cpu_per_frame(s0, s3).map(|c| c.0),
+        cpu_user_us_per_pkt: cpu_per_frame(s0, s3).map(|c| c.1),
+        cpu_sys_us_per_pkt: cpu_per_frame(s0, s3).map(|c| c.2),
+        cpu_us_per_pkt_keepalive: cpu_per_frame(s0, s1).map(|c| c.0),
+        cpu_us_per_pkt_close: cpu_per_frame(s1, s2).map(|c| c.0),
+        cpu_us_per_pkt_udp: cpu_per_frame(s2, s3).map(|c| c.0),
         balancer_frames: s0.zip(s3).map(|(a, b)| b.frames - a.frames),
         ..Round::default()
     })
@@ -447,6 +456,14 @@ fn memory_with(bed: &SingleNode, up: &Up, flows: usize, rate: u64) -> Result<Mem
     })
 }
 
+/// The 1-minute load average, as `/proc/loadavg` prints it.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 fn first_line(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
         .args(args)
@@ -509,8 +526,9 @@ fn print_report(
     println!();
     print!("{}", report::figures_table(results));
     println!(
-        "UDP pps = answered request/response exchanges per second; CPU = balancer user+system \
-         time per frame it received (front + back + TUN), over the three loads"
+        "UDP pps = answered request/response exchanges per second. CPU = balancer user + system \
+         time per frame it received (front + back + TUN), over the three loads; the system part \
+         includes the kernel's veth/bridge delivery that runs inside the balancer's ring sends"
     );
     let lost: Vec<String> = results
         .iter()
