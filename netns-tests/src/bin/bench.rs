@@ -186,9 +186,20 @@ fn preflight(paths: &[PathKind]) -> Result<()> {
     Ok(())
 }
 
-/// nginx and a UDP responder on every real server, and the client's route
-/// to the back segment through `rtr` for the direct path.
+/// nginx and a UDP responder on every real server, the client's route to
+/// the back segment through `rtr` for the direct path, and a switch that
+/// only switches.
 fn start_backends(bed: &SingleNode, nginx_build: &str) -> Result<Vec<Proc>> {
+    // With br_netfilter in the kernel, a new namespace's bridges hand every
+    // IPv4 frame to the netfilter hooks (bridge-nf-call-iptables defaults
+    // to 1): work a real switch does not do, and that veth delivery charges
+    // to whoever sends, the balancer included. Off in the switch namespace.
+    for key in ["iptables", "ip6tables", "arptables"] {
+        let key = format!("net.bridge.bridge-nf-call-{key}");
+        if bed.tb.switch().run(&["sysctl", "-n", &key]).is_ok() {
+            bed.tb.switch().sysctl(&key, "0")?;
+        }
+    }
     bed.client.run(&[
         "ip",
         "route",
@@ -518,7 +529,8 @@ fn print_report(
     );
     println!(
         "backends: nginx, 1 worker, access_log off, 100-byte file; \
-         net.ipv4.tcp_max_tw_buckets=0 on the real servers (the TIME_WAIT trap, BENCH.md)"
+         net.ipv4.tcp_max_tw_buckets=0 on the real servers (the TIME_WAIT trap, BENCH.md); \
+         bridge-nf-call-* = 0 in the switch namespace"
     );
     for r in results {
         println!("  {:<6} {} -> {}", r.name, r.description, r.target);
