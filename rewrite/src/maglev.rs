@@ -331,7 +331,6 @@ pub fn diff(old: &BucketTable, new: &BucketTable) -> Vec<Move> {
 /// Hash tags: keep the inputs of the different hashes apart.
 const TAG_OFFSET: u8 = 0x01;
 const TAG_SKIP: u8 = 0x02;
-const TAG_ORDER: u8 = 0x03;
 const TAG_CHAIN: u8 = 0x04;
 
 fn node_hash(h: &FlowHasher, tag: u8, chain: u64, id: NodeId) -> u64 {
@@ -343,12 +342,23 @@ fn node_hash(h: &FlowHasher, tag: u8, chain: u64, id: NodeId) -> u64 {
 }
 
 /// One sub-table to populate: the buckets (table indexes) it holds, the
-/// candidate nodes (indexes into the sorted universe) and the chain key that
-/// keys its permutations.
+/// dead nodes of the chain that led to it (excluded from its candidates) and
+/// the chain key that keys its permutations.
 struct Job {
     buckets: Vec<u32>,
-    candidates: Vec<u16>,
+    excluded: Vec<u16>,
     chain: u64,
+}
+
+/// What [`populate`] needs about the universe.
+struct Universe<'a> {
+    hasher: FlowHasher,
+    nodes: &'a [Node],
+    /// Effective weight per node index.
+    weights: Vec<u32>,
+    /// Indexes of the nodes with a positive weight, in id order.
+    candidates: Vec<u16>,
+    max_weight: u32,
 }
 
 fn build_owners(params: &TableParams, nodes: &[Node]) -> Vec<u16> {
@@ -357,7 +367,6 @@ fn build_owners(params: &TableParams, nodes: &[Node]) -> Vec<u16> {
     if !nodes.iter().any(|n| n.live) {
         return owners;
     }
-    let hasher = FlowHasher::new(params.seed);
     // Every live node has weight 0: count all weights as 1 (module docs).
     let uniform = !nodes.iter().any(|n| n.live && n.weight > 0);
     let weights: Vec<u32> = nodes
@@ -368,14 +377,21 @@ fn build_owners(params: &TableParams, nodes: &[Node]) -> Vec<u16> {
         .filter(|&i| weights.get(i).is_some_and(|&w| w > 0))
         .map(|i| i as u16)
         .collect();
+    let u = Universe {
+        hasher: FlowHasher::new(params.seed),
+        nodes,
+        max_weight: weights.iter().copied().max().unwrap_or(1).max(1),
+        weights,
+        candidates,
+    };
     let mut jobs = vec![Job {
         buckets: (0..params.size).collect(),
-        candidates,
+        excluded: Vec::new(),
         chain: 0,
     }];
     let mut slots: Vec<u16> = Vec::new();
     while let Some(job) = jobs.pop() {
-        populate(&hasher, &job, &weights, nodes, &mut slots);
+        populate(&u, &job, &mut slots);
         // Live owners keep their buckets; a dead owner's buckets form the
         // next level, without it.
         let mut dead: Vec<(u16, Vec<u32>)> = Vec::new();
@@ -395,17 +411,18 @@ fn build_owners(params: &TableParams, nodes: &[Node]) -> Vec<u16> {
             }
         }
         for (d, buckets) in dead {
-            let candidates: Vec<u16> = job.candidates.iter().copied().filter(|&c| c != d).collect();
             let Some(dead_node) = nodes.get(usize::from(d)) else {
                 continue;
             };
-            if candidates.is_empty() {
+            let mut excluded = job.excluded.clone();
+            excluded.push(d);
+            if excluded.len() >= u.candidates.len() {
                 continue;
             }
-            let chain = node_hash(&hasher, TAG_CHAIN, job.chain, dead_node.id);
+            let chain = node_hash(&u.hasher, TAG_CHAIN, job.chain, dead_node.id);
             jobs.push(Job {
                 buckets,
-                candidates,
+                excluded,
                 chain,
             });
         }
@@ -420,80 +437,107 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-/// Weighted Maglev populate of `job.buckets.len()` slots over
-/// `job.candidates`, into `slots` (node indexes). Each candidate walks its
-/// own permutation of the slots, `offset + j * skip (mod m)`, and takes the
-/// next free one when its turn comes. Turns are weighted as in Katran's
-/// `MaglevHashV2`: every round each candidate adds its weight to a credit
-/// and takes a slot whenever the credit reaches the largest weight, so a
-/// node of weight 2 takes twice as many slots as one of weight 1. The round
-/// order is a hash of (chain, id), not the id order, so that small
-/// sub-tables do not always favour the lowest ids.
-fn populate(h: &FlowHasher, job: &Job, weights: &[u32], nodes: &[Node], slots: &mut Vec<u16>) {
+/// SplitMix64's finaliser: a cheap, fixed mix for the starting credits.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Weighted Maglev populate of `job.buckets.len()` slots over the
+/// candidates not excluded by the job, into `slots` (node indexes).
+///
+/// Each candidate walks its own permutation of the slots,
+/// `offset + j * skip (mod m)`, and takes the next free one when its turn
+/// comes. Turns are weighted as in Katran's `MaglevHashV2`: every round each
+/// candidate adds its weight to a credit and takes a slot whenever the
+/// credit reaches the largest weight, so a node of weight 2 takes twice as
+/// many slots as one of weight 1. Rounds visit the candidates in id order
+/// starting at a point given by the chain key, and each starts with a credit
+/// mixed from (chain, id), so that small sub-tables do not always favour the
+/// same ids. A walker (and its two SipHashes) is made only when its turn
+/// first comes: a sub-table of one bucket costs a few steps, not one per
+/// configured node.
+fn populate(u: &Universe<'_>, job: &Job, slots: &mut Vec<u16>) {
     let m = job.buckets.len();
     slots.clear();
     slots.resize(m, NONE);
-    if m == 0 {
+    let n = u.candidates.len();
+    if m == 0 || n == 0 {
         return;
     }
     struct Walker {
         node: u16,
         weight: u32,
-        offset: u64,
-        skip: u64,
-        next: u64,
         credit: u32,
+        /// Offset and skip, computed at the walker's first slot.
+        perm: Option<(u64, u64)>,
+        next: u64,
     }
     let m64 = m as u64;
-    let mut walkers: Vec<(u64, Walker)> = job
-        .candidates
-        .iter()
-        .filter_map(|&c| {
-            let id = nodes.get(usize::from(c))?.id;
-            let weight = *weights.get(usize::from(c))?;
-            let offset = node_hash(h, TAG_OFFSET, job.chain, id) % m64;
-            let skip = if m64 == 1 {
-                0
-            } else {
-                let mut s = node_hash(h, TAG_SKIP, job.chain, id) % (m64 - 1) + 1;
-                // A full permutation needs gcd(skip, m) = 1 (always so at
-                // level 0, whose size is prime); s = 1 ends the search.
-                while gcd(s, m64) != 1 {
-                    s = s % (m64 - 1) + 1;
+    let start = (job.chain % n as u64) as usize;
+    let mut walkers: Vec<Walker> = Vec::new();
+    let mut visited = 0usize;
+    let mut filled = 0usize;
+    let mut round = 0usize;
+    loop {
+        // Round 0 meets the candidates one by one (lazily); later rounds
+        // go over the walkers made in round 0.
+        let count = if round == 0 { n } else { walkers.len() };
+        for k in 0..count {
+            let wi = if round == 0 {
+                let Some(&c) = u.candidates.get((start + k) % n) else {
+                    continue;
+                };
+                visited += 1;
+                if job.excluded.contains(&c) {
+                    continue;
                 }
-                s
-            };
-            let order = node_hash(h, TAG_ORDER, job.chain, id);
-            Some((
-                order,
-                Walker {
+                let (Some(node), Some(&weight)) =
+                    (u.nodes.get(usize::from(c)), u.weights.get(usize::from(c)))
+                else {
+                    continue;
+                };
+                let credit = (mix(job.chain ^ u64::from(node.id)) % u64::from(u.max_weight)) as u32;
+                walkers.push(Walker {
                     node: c,
                     weight,
-                    offset,
-                    skip,
+                    credit,
+                    perm: None,
                     next: 0,
-                    credit: 0,
-                },
-            ))
-        })
-        .filter(|(_, w)| w.weight > 0)
-        .collect();
-    walkers.sort_unstable_by_key(|(order, w)| (*order, w.node));
-    let Some(max_weight) = walkers.iter().map(|(_, w)| w.weight).max() else {
-        return;
-    };
-    let mut filled = 0usize;
-    loop {
-        for (_, w) in walkers.iter_mut() {
+                });
+                walkers.len() - 1
+            } else {
+                k
+            };
+            let Some(w) = walkers.get_mut(wi) else {
+                continue;
+            };
             w.credit += w.weight;
-            if w.credit < max_weight {
+            if w.credit < u.max_weight {
                 continue;
             }
-            w.credit -= max_weight;
-            // The permutation visits every slot within m steps, and one is
+            w.credit -= u.max_weight;
+            let (offset, skip) = *w.perm.get_or_insert_with(|| {
+                let id = u.nodes.get(usize::from(w.node)).map_or(0, |x| x.id);
+                let offset = node_hash(&u.hasher, TAG_OFFSET, job.chain, id) % m64;
+                let skip = if m64 == 1 {
+                    0
+                } else {
+                    let mut s = node_hash(&u.hasher, TAG_SKIP, job.chain, id) % (m64 - 1) + 1;
+                    // A full permutation needs gcd(skip, m) = 1 (always so at
+                    // level 0, whose size is prime); s = 1 ends the search.
+                    while gcd(s, m64) != 1 {
+                        s = s % (m64 - 1) + 1;
+                    }
+                    s
+                };
+                (offset, skip)
+            });
+            // The permutation visits every slot within m steps and one is
             // free (filled < m), so this ends within m iterations.
             for _ in 0..m {
-                let pos = ((w.offset + w.next * w.skip) % m64) as usize;
+                let pos = ((offset + w.next * skip) % m64) as usize;
                 w.next += 1;
                 if let Some(s) = slots.get_mut(pos)
                     && *s == NONE
@@ -507,6 +551,11 @@ fn populate(h: &FlowHasher, job: &Job, weights: &[u32], nodes: &[Node], slots: &
                 return;
             }
         }
+        if round == 0 && visited == n && walkers.is_empty() {
+            // Every candidate excluded: cannot happen (the caller keeps one).
+            return;
+        }
+        round += 1;
     }
 }
 
