@@ -50,6 +50,11 @@ pub struct MemoryFigures {
     pub rate_pps: u64,
     /// Connections the node reports (active + inactive over all services).
     pub tracked: u64,
+    /// Frames the node's kernel received on the front NIC while the flows
+    /// were opened, and frames the dataplane read from its front ring: the
+    /// difference was lost before the dataplane (a full RX ring).
+    pub front_rx_kernel: u64,
+    pub front_rx_balancer: u64,
     pub table_full_drops: u64,
     pub rss_idle_kib: u64,
     pub rss_kib: u64,

@@ -32,7 +32,7 @@ use bench::servers;
 use bench::udp::{self, UdpLoad};
 use bench::wrk;
 use netns_tests::single::{self, CLIENT, RTR_FRONT, SingleNode, VIP};
-use netns_tests::topo::{Proc, workspace_bin};
+use netns_tests::topo::{Host, Proc, workspace_bin};
 
 /// The memory target of issue 2: RSS with 100k tracked connections.
 const RSS_TARGET_MIB: f64 = 64.0;
@@ -425,6 +425,13 @@ fn memory_with(bed: &SingleNode, up: &Up, flows: usize, rate: u64) -> Result<Mem
     let dst = SocketAddrV4::new(VIP, SERVICE_PORT);
     let mut sent = 0;
     let mut snap = status(bed)?;
+    let front_rx = |snap: &StatusSnapshot| {
+        snap.nics
+            .iter()
+            .find(|n| n.role == "front")
+            .map_or(0, |n| n.rx_frames)
+    };
+    let (kernel0, balancer0) = (kernel_rx_packets(&bed.lb, "front0")?, front_rx(&snap));
     // Further passes re-create flows whose datagram was lost (a full ring);
     // flows that exist only see one more datagram.
     let mut passes = 0;
@@ -441,6 +448,8 @@ fn memory_with(bed: &SingleNode, up: &Up, flows: usize, rate: u64) -> Result<Mem
         }
     }
     let mem = procfs::memory(pid)?;
+    let kernel_rx = kernel_rx_packets(&bed.lb, "front0")?.saturating_sub(kernel0);
+    let balancer_rx = front_rx(&snap).saturating_sub(balancer0);
     // For post-mortems: what the node reported at the figure.
     std::fs::write(
         bed.dir().join("status-memory.json"),
@@ -454,6 +463,8 @@ fn memory_with(bed: &SingleNode, up: &Up, flows: usize, rate: u64) -> Result<Mem
         passes,
         rate_pps: rate,
         tracked: tracked(&snap),
+        front_rx_kernel: kernel_rx,
+        front_rx_balancer: balancer_rx,
         table_full_drops: drops(&snap, DropReason::TableFull),
         rss_idle_kib: idle.rss_kib,
         rss_kib: mem.rss_kib,
@@ -465,6 +476,15 @@ fn memory_with(bed: &SingleNode, up: &Up, flows: usize, rate: u64) -> Result<Mem
         target_mib: RSS_TARGET_MIB,
         target_met: rss_mib < RSS_TARGET_MIB,
     })
+}
+
+/// Packets the kernel counted as received on `ifname` in `host`.
+fn kernel_rx_packets(host: &Host, ifname: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{ifname}/statistics/rx_packets");
+    host.run(&["cat", &path])?
+        .trim()
+        .parse()
+        .with_context(|| format!("reading {path}"))
 }
 
 /// The 1-minute load average, as `/proc/loadavg` prints it.
@@ -580,7 +600,8 @@ fn print_report(
     if let Some(m) = results.iter().find_map(|r| r.memory.as_ref()) {
         println!(
             "memory: {} UDP flows opened ({} datagrams at {}/s in {} passes), {} connections tracked \
-             (status, max_entries {}), {} refused as table full; balancer RSS {:.1} MiB (idle {:.1} MiB, \
+             (status, max_entries {}), {} refused as table full; {} frames reached front0, the \
+             dataplane saw {}; balancer RSS {:.1} MiB (idle {:.1} MiB, \
              peak {:.1} MiB; anonymous {:.1} MiB, idle {:.1} MiB; file/ring pages {:.1} MiB); \
              target < {:.0} MiB: {}",
             m.flows,
@@ -590,6 +611,8 @@ fn print_report(
             m.tracked,
             m.max_entries,
             m.table_full_drops,
+            m.front_rx_kernel,
+            m.front_rx_balancer,
             m.rss_mib,
             m.rss_idle_kib as f64 / 1024.0,
             m.hwm_kib as f64 / 1024.0,
