@@ -3,5 +3,6 @@
 //! `bench` built on it. Everything needs root.
 
 pub mod client;
+pub mod drill;
 pub mod single;
 pub mod topo;
