@@ -6,6 +6,7 @@ pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod node;
+pub mod peers;
 pub mod sched;
 pub mod setup;
 pub mod stats;

@@ -32,7 +32,10 @@ fn every_example_config_validates() {
     );
     let mut failures = Vec::new();
     for file in &files {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.starts_with("heartbeat-") {
             if let Err(e) = heartbeat::config::Config::load(file) {
                 failures.push(e.to_string());

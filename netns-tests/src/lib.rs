@@ -3,6 +3,7 @@
 //! `bench` built on it. Everything needs root.
 
 pub mod client;
+pub mod cluster;
 pub mod drill;
 pub mod single;
 pub mod topo;
