@@ -23,9 +23,14 @@ use netns_tests::drill::{self, Drill, INTERRUPTED, Options, PeerKind, report};
 /// long-lived keep-alive connections opened before the fault (a request
 /// every 100 ms), does its fault, and reports:
 ///
-///   gap      longest time between two successful responses, from the last
-///            one before the fault to the end of the load (the hole that
-///            failed or delayed requests leave; ~5 ms at 200/s when calm);
+///   gap      the larger of outage and disturbance (ms);
+///   outage   longest time between two successful responses, from the last
+///            one before the fault to the end of the load (the hole failed
+///            or delayed requests leave; ~5 ms at 200/s when calm);
+///            disturbance: the longest episode of failed requests (failures
+///            less than 250 ms apart), first to last, plus one request period
+///            (a bi-active cluster keeps serving the survivors' flows while
+///            the dead node's fail: failures interleave with successes);
 ///   failed   requests that failed (connect timeout, reset, ...), of all sent;
 ///   long     long-lived connections broken, to real servers (rs) and to
 ///            nodes' local services (lo), of those opened;
@@ -140,7 +145,11 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut adverts: Vec<Duration> = args.advert.iter().map(|s| duration(s)).collect::<Result<_>>()?;
+    let mut adverts: Vec<Duration> = args
+        .advert
+        .iter()
+        .map(|s| duration(s))
+        .collect::<Result<_>>()?;
     let advert_given = std::env::args().any(|a| a.starts_with("--advert"));
     if args.quick && !advert_given {
         adverts = vec![Duration::from_millis(100)];
@@ -154,9 +163,16 @@ fn main() -> Result<()> {
     let drills = if args.only.is_empty() {
         Drill::ALL.to_vec()
     } else {
-        args.only.iter().map(|s| Drill::parse(s)).collect::<Result<_>>()?
+        args.only
+            .iter()
+            .map(|s| Drill::parse(s))
+            .collect::<Result<_>>()?
     };
-    let peers: Vec<PeerKind> = args.peer.iter().map(|s| PeerKind::parse(s)).collect::<Result<_>>()?;
+    let peers: Vec<PeerKind> = args
+        .peer
+        .iter()
+        .map(|s| PeerKind::parse(s))
+        .collect::<Result<_>>()?;
     if !(2..=3).contains(&args.nodes) {
         bail!("--nodes must be 2 or 3");
     }
@@ -189,9 +205,21 @@ fn main() -> Result<()> {
         timeout: duration(&args.timeout)?,
         long_lived: if q && args.long == 16 { 4 } else { args.long },
         long_every: Duration::from_millis(100),
-        long_timeout: if q { Duration::from_secs(1) } else { duration(&args.long_timeout)? },
-        pre: if q { Duration::from_millis(500) } else { duration(&args.pre)? },
-        margin: if q { Duration::from_millis(500) } else { duration(&args.margin)? },
+        long_timeout: if q {
+            Duration::from_secs(1)
+        } else {
+            duration(&args.long_timeout)?
+        },
+        pre: if q {
+            Duration::from_millis(500)
+        } else {
+            duration(&args.pre)?
+        },
+        margin: if q {
+            Duration::from_millis(500)
+        } else {
+            duration(&args.margin)?
+        },
         out: out.clone(),
         verbose: args.verbose,
     };

@@ -148,7 +148,8 @@ const REQUEST_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\
 const REQUEST_KEEP: &[u8] = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n";
 
 fn connect(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream, Fail> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|_| Fail::Other)?;
+    let s =
+        Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|_| Fail::Other)?;
     s.bind(&SocketAddrV4::new(src, 0).into())
         .map_err(|_| Fail::Other)?;
     s.connect_timeout(&dst.into(), timeout)

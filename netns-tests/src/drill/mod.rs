@@ -166,38 +166,62 @@ fn names(v: &[usize]) -> Vec<String> {
     v.iter().map(|i| format!("lb{}", i + 1)).collect()
 }
 
-/// Starts every node and waits until `expect` alone holds the VIP and the
-/// VIP answers the client; then lets adverts settle.
+/// Waits until `expect` alone holds the VIP, the nodes agree on the
+/// membership, and a burst of requests from every client address is all
+/// answered; then lets adverts settle.
 fn converge(peer: &dyn Peer, c: &Cluster, expect: usize, advert: Duration) -> Result<()> {
     let limit = master_down(advert, 1) + Duration::from_secs(8);
     let t = Instant::now();
     let mut last = Vec::new();
+    let mut probes = String::new();
     while t.elapsed() < limit {
         last = peer.holders(c);
-        if last == [expect] && topology::probe(&c.client, Duration::from_millis(500)).is_ok() {
-            std::thread::sleep((advert * 2).clamp(Duration::from_millis(300), Duration::from_secs(2)));
-            if peer.holders(c) == [expect] {
-                return Ok(());
+        if last == [expect] && peer.settled(c) {
+            match topology::probe_all(&c.client, 16, Duration::from_millis(500)) {
+                Ok(()) => {
+                    std::thread::sleep(
+                        (advert * 2).clamp(Duration::from_millis(300), Duration::from_secs(2)),
+                    );
+                    if peer.holders(c) == [expect] && peer.settled(c) {
+                        return Ok(());
+                    }
+                }
+                Err(e) => probes = format!("; {e:#}"),
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
     bail!(
-        "{}: no convergence to lb{} as VIP holder within {limit:?} (holders: {:?})",
+        "{}: no convergence to lb{} as VIP holder within {limit:?} (holders: {:?}, membership agreed: {}{probes})",
         peer.name(),
         expect + 1,
-        names(&last)
+        names(&last),
+        peer.settled(c)
     )
 }
 
 /// Runs one drill on a fresh topology and returns its figures.
-pub fn run_drill(kind: PeerKind, advert: Duration, drill: Drill, opts: &Options) -> Result<Figures> {
+pub fn run_drill(
+    kind: PeerKind,
+    advert: Duration,
+    drill: Drill,
+    opts: &Options,
+) -> Result<Figures> {
     let mut peer = kind.make(advert, opts);
     let tag = format!("drill-{}-{}", peer.name(), drill.name());
-    let c = Cluster::new(&tag, opts.nodes, opts.real_servers)?;
+    let c = Cluster::new(
+        &tag,
+        opts.nodes,
+        opts.real_servers,
+        &format!("{}ms", advert.as_millis()),
+    )?;
     let res = drive(peer.as_mut(), &c, advert, drill, opts);
     peer.teardown(&c);
-    let logs = keep_logs(&c, opts, &format!("{}-{}ms-{}", peer.name(), advert.as_millis(), drill.name()));
+    let logs = keep_logs(
+        &c,
+        opts,
+        &format!("{}-{}ms-{}", peer.name(), advert.as_millis(), drill.name()),
+    );
     drop(c);
     let mut f = res?;
     f.logs = logs.display().to_string();
@@ -209,13 +233,19 @@ fn keep_logs(c: &Cluster, opts: &Options, name: &str) -> PathBuf {
     let dst = opts.out.join("logs").join(name);
     let _ = std::fs::create_dir_all(opts.out.join("logs"));
     let _ = std::fs::remove_dir_all(&dst);
-    if std::fs::rename(c.tb.dir(), &dst).is_err() {
-        return c.tb.dir().to_path_buf();
+    if std::fs::rename(c.tb().dir(), &dst).is_err() {
+        return c.tb().dir().to_path_buf();
     }
     dst
 }
 
-fn drive(peer: &mut dyn Peer, c: &Cluster, advert: Duration, drill: Drill, opts: &Options) -> Result<Figures> {
+fn drive(
+    peer: &mut dyn Peer,
+    c: &Cluster,
+    advert: Duration,
+    drill: Drill,
+    opts: &Options,
+) -> Result<Figures> {
     peer.setup(c)?;
     for i in 0..c.nodes.len() {
         peer.start(c, i)?;
@@ -225,9 +255,14 @@ fn drive(peer: &mut dyn Peer, c: &Cluster, advert: Duration, drill: Drill, opts:
     if drill == Drill::Restart {
         peer.stop(c, 0)?;
         converge(peer, c, 1, advert)?;
-        start = format!("lb1 stopped (SIGTERM) before the load, lb2 VIP holder, {} of {} nodes up", c.nodes.len() - 1, c.nodes.len());
+        start = format!(
+            "lb1 stopped (SIGTERM) before the load, lb2 VIP holder, {} of {} nodes up",
+            c.nodes.len() - 1,
+            c.nodes.len()
+        );
     }
     let holders_before = peer.holders(c);
+    peer.snapshot(c, "before");
     let holder = holders_before.first().copied().unwrap_or(0);
     let other = (0..c.nodes.len()).find(|i| *i != holder).unwrap_or(1);
     let tl = timeline(drill, advert, opts);
@@ -254,18 +289,29 @@ fn drive(peer: &mut dyn Peer, c: &Cluster, advert: Duration, drill: Drill, opts:
     let mut marks = vec![];
     let fault = match drill {
         Drill::KillHolder | Drill::KillOther => {
-            let n = if drill == Drill::KillHolder { holder } else { other };
+            let n = if drill == Drill::KillHolder {
+                holder
+            } else {
+                other
+            };
             peer.kill(c, n)?;
             format!("SIGKILL lb{}{}", n + 1, holder_note(n, holder))
         }
         Drill::StopHolder | Drill::StopOther => {
-            let n = if drill == Drill::StopHolder { holder } else { other };
+            let n = if drill == Drill::StopHolder {
+                holder
+            } else {
+                other
+            };
             peer.stop(c, n)?;
             format!("SIGTERM lb{}{}", n + 1, holder_note(n, holder))
         }
         Drill::CutHolder => {
-            c.tb.cut(&c.nodes[holder], "front0")?;
-            format!("silent cut of lb{} front0 at the switch (carrier stays up)", holder + 1)
+            c.tb().cut(&c.nodes[holder], "front0")?;
+            format!(
+                "silent cut of lb{} front0 at the switch (carrier stays up)",
+                holder + 1
+            )
         }
         Drill::Restart => {
             peer.start(c, 0)?;
@@ -300,11 +346,20 @@ fn drive(peer: &mut dyn Peer, c: &Cluster, advert: Duration, drill: Drill, opts:
     };
     stop.store(true, Ordering::Relaxed);
     let holders_after = peer.holders(c);
+    peer.snapshot(c, "after");
     if drill == Drill::CutHolder {
-        let _ = c.tb.heal(&c.nodes[holder], "front0");
+        let _ = c.tb().heal(&c.nodes[holder], "front0");
     }
 
-    let a = report::analyse(&run, fault_at, tl.load, Duration::from_millis(100));
+    let period = Duration::from_secs_f64(1.0 / opts.rate);
+    let a = report::analyse(
+        &run,
+        fault_at,
+        tl.load,
+        Duration::from_millis(100),
+        period,
+        opts.timeout,
+    );
     let lc = report::long_counts(&run.long, fault_at);
     let name = format!("{}-{}ms-{}", peer.name(), advert.as_millis(), drill.name());
     let plot_path = opts.out.join(format!("{name}.svg"));
@@ -328,6 +383,8 @@ fn drive(peer: &mut dyn Peer, c: &Cluster, advert: Duration, drill: Drill, opts:
         holders_before: names(&holders_before),
         holders_after: names(&holders_after),
         gap_ms: (a.gap.as_secs_f64() * 1e6).round() / 1e3,
+        outage_ms: (a.outage.as_secs_f64() * 1e6).round() / 1e3,
+        disturbed_ms: (a.disturbed.as_secs_f64() * 1e6).round() / 1e3,
         recovered: a.recovered,
         gap_start_ms: a.gap_start_ms,
         requests: run.samples.len(),
@@ -384,7 +441,12 @@ pub fn run_all(opts: &Options, mut progress: impl FnMut(&str)) -> (Vec<Figures>,
                     errors.push("interrupted".to_string());
                     break 'all;
                 }
-                let what = format!("{kind:?} {} ms adverts {}", advert.as_millis(), drill.name()).to_lowercase();
+                let what = format!(
+                    "{kind:?} {} ms adverts {}",
+                    advert.as_millis(),
+                    drill.name()
+                )
+                .to_lowercase();
                 progress(&format!("{what} ..."));
                 let t = Instant::now();
                 match run_drill(kind, advert, drill, opts) {

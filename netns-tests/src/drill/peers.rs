@@ -28,10 +28,18 @@ pub trait Peer {
     fn stop(&mut self, c: &Cluster, i: usize) -> Result<()>;
     /// Which nodes claim the VIP (the MAC holder, or holders in a split brain).
     fn holders(&self, c: &Cluster) -> Vec<usize>;
+    /// Every running node agrees on the membership (nothing to wait for
+    /// when the peer has no membership).
+    fn settled(&self, _c: &Cluster) -> bool {
+        true
+    }
     /// Ends everything it started (before the topology is removed).
     fn teardown(&mut self, c: &Cluster);
     /// Where node `i`'s logs are.
     fn log(&self, c: &Cluster, i: usize) -> PathBuf;
+    /// Saves whatever the running nodes can tell about themselves (status,
+    /// counters) next to their logs, for post-mortems. Best effort.
+    fn snapshot(&self, _c: &Cluster, _label: &str) {}
 }
 
 /// Master-down interval of RFC 5798 §6.1 for `priority` at `advert`:
@@ -64,7 +72,7 @@ impl Keepalived {
     }
 
     fn file(c: &Cluster, i: usize, what: &str) -> PathBuf {
-        c.tb.dir().join(format!("ka-lb{}.{what}", i + 1))
+        c.tb().dir().join(format!("ka-lb{}.{what}", i + 1))
     }
 
     /// keepalived's `advert_int` in seconds (VRRPv3: centisecond units).
@@ -80,7 +88,7 @@ impl Keepalived {
             n = i + 1,
             prio = priority(i),
             adv = self.advert_int(),
-            notify = c.tb.dir().join("ka-notify.sh").display(),
+            notify = c.tb().dir().join("ka-notify.sh").display(),
         )
     }
 
@@ -113,12 +121,13 @@ impl Peer for Keepalived {
     }
 
     fn setup(&mut self, c: &Cluster) -> Result<()> {
-        let notify = c.tb.dir().join("ka-notify.sh");
+        let notify = c.tb().dir().join("ka-notify.sh");
         std::fs::write(
             &notify,
             "#!/bin/sh\necho \"$(date +%s.%N) $*\" >> \"$0.log\"\n",
         )?;
-        c.tb.switch()
+        c.tb()
+            .switch()
             .run(&["chmod", "+x", &notify.to_string_lossy()])?;
         let rules = Self::nft_rules(c.rs.len());
         for (i, h) in c.nodes.iter().enumerate() {
@@ -159,9 +168,8 @@ impl Peer for Keepalived {
         self.procs[i] = Some(p);
         // The VRRP child writes its pid file once it runs: the kill drills
         // need it.
-        let ok = crate::topo::wait_until(Duration::from_secs(5), &mut || {
-            Self::pids(c, i).1.is_some()
-        });
+        let ok =
+            crate::topo::wait_until(Duration::from_secs(5), &mut || Self::pids(c, i).1.is_some());
         if !ok {
             bail!("keepalived on lb{} did not start its VRRP process", i + 1);
         }
@@ -215,13 +223,18 @@ impl Peer for Keepalived {
     }
 }
 
-/// Our cluster: `balancer run -c lbN.toml` on every node, with the
-/// heartbeat embedded (`[cluster]` section of the node config).
+/// Our cluster: `balancer run -c lbK.toml` on every node, the heartbeat
+/// embedded (`[cluster]`), configs as the cluster tests write them
+/// ([`crate::cluster::ClusterBed::write_configs`]) with the front
+/// instance's priorities set to the baseline's (150/100/50), so both
+/// peers' master-down intervals are the same.
 pub struct Ours {
     pub advert: Duration,
-    /// Every node also serves the VIP locally (besides NAT to the real servers).
+    /// Every node also serves the VIP with its own local service.
     pub local: bool,
+    configs: Vec<PathBuf>,
     procs: Vec<Option<Proc>>,
+    local_services: Vec<Proc>,
 }
 
 impl Ours {
@@ -229,8 +242,50 @@ impl Ours {
         Ours {
             advert,
             local,
+            configs: Vec::new(),
             procs: Vec::new(),
+            local_services: Vec::new(),
         }
+    }
+
+    /// The web service: NAT to every real server, each in the sub-cluster
+    /// of the node it routes through; with `local`, each node's own
+    /// service too (weight 1, like one real server).
+    fn services(&self, c: &Cluster) -> String {
+        let n = c.nodes.len();
+        let mut s = format!(
+            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\nprotocol = \"tcp\"\nscheduler = \"wrr\"\n"
+        );
+        for i in 0..c.rs.len() {
+            s += &format!(
+                "\n[[service.backend]]\nname = \"rs{}\"\naddress = \"{}\"\nport = {RS_PORT}\nforward = \"nat\"\nnode = {}\n",
+                i + 1,
+                rs_addr(i),
+                i % n + 1
+            );
+        }
+        if self.local {
+            s += "\n[[service.backend]]\nname = \"local\"\nforward = \"local\"\n";
+        }
+        s
+    }
+
+    /// The last cluster view node `i` logged (`balancer status` does not
+    /// show the cluster yet): the line `cluster view changed live=[1, 2]
+    /// mac_holder=true`.
+    fn last_view(c: &Cluster, i: usize) -> Option<String> {
+        let log = c.tb().dir().join(format!("lb{}.log", i + 1));
+        let text = std::fs::read_to_string(log).ok()?;
+        text.lines()
+            .rev()
+            .find(|l| l.contains("cluster view changed"))
+            .map(str::to_string)
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.procs.len())
+            .filter(|&i| self.procs[i].is_some())
+            .collect()
     }
 }
 
@@ -239,27 +294,78 @@ impl Peer for Ours {
         "ours"
     }
 
-    fn setup(&mut self, _c: &Cluster) -> Result<()> {
-        bail!("the cluster mode of `balancer run` is not on main yet: use --peer keepalived")
+    fn setup(&mut self, c: &Cluster) -> Result<()> {
+        let services = self.services(c);
+        self.configs.clear();
+        for (i, _) in c.nodes.iter().enumerate() {
+            let k = i + 1;
+            let cfg = c.bed.write_configs(k, &services)?;
+            // Front instance (the first in the file): the baseline's priority.
+            let hb = c.tb().dir().join(format!("lb{k}-heartbeat.toml"));
+            let text = std::fs::read_to_string(&hb)?;
+            let from = format!("priority = {}", 250 - 50 * k);
+            if !text.contains(&from) {
+                bail!(
+                    "{}: no front instance `{from}` to align with the baseline",
+                    hb.display()
+                );
+            }
+            let text = text.replacen(&from, &format!("priority = {}", priority(i)), 1);
+            std::fs::write(&hb, text)?;
+            self.configs.push(cfg);
+        }
+        if self.local {
+            self.local_services = c.bed.start_local_services(VIP_PORT)?;
+        }
+        self.procs = (0..c.nodes.len()).map(|_| None).collect();
+        Ok(())
     }
 
-    fn start(&mut self, _c: &Cluster, _i: usize) -> Result<()> {
-        bail!("not available")
+    fn start(&mut self, c: &Cluster, i: usize) -> Result<()> {
+        // Keep the log of an earlier run of this node (restart drill).
+        let log = c.tb().dir().join(format!("lb{}.log", i + 1));
+        if log.exists() {
+            let old = c.tb().dir().join(format!("lb{}.log.1", i + 1));
+            let _ = std::fs::rename(&log, old);
+        }
+        let p = c.bed.start_node(i + 1, &self.configs[i])?;
+        self.procs[i] = Some(p);
+        Ok(())
     }
 
     fn kill(&mut self, _c: &Cluster, i: usize) -> Result<()> {
-        if let Some(p) = self.procs.get_mut(i).and_then(Option::take) {
-            p.signal(Signal::SIGKILL)?;
+        let mut p = self.procs[i]
+            .take()
+            .with_context(|| format!("lb{} not running", i + 1))?;
+        p.signal(Signal::SIGKILL)?;
+        p.kill();
+        Ok(())
+    }
+
+    fn stop(&mut self, _c: &Cluster, i: usize) -> Result<()> {
+        let mut p = self.procs[i]
+            .take()
+            .with_context(|| format!("lb{} not running", i + 1))?;
+        p.signal(Signal::SIGTERM)?;
+        if p.wait_timeout(Duration::from_secs(10))?.is_none() {
+            bail!("balancer on lb{} ignored SIGTERM for 10 s", i + 1);
         }
         Ok(())
     }
 
-    fn stop(&mut self, _c: &Cluster, _i: usize) -> Result<()> {
-        bail!("not available")
+    fn holders(&self, c: &Cluster) -> Vec<usize> {
+        self.running()
+            .into_iter()
+            .filter(|&i| Self::last_view(c, i).is_some_and(|l| l.contains("mac_holder=true")))
+            .collect()
     }
 
-    fn holders(&self, _c: &Cluster) -> Vec<usize> {
-        Vec::new()
+    fn settled(&self, c: &Cluster) -> bool {
+        let ids: Vec<String> = self.running().iter().map(|i| (i + 1).to_string()).collect();
+        let want = format!("live=[{}]", ids.join(", "));
+        self.running()
+            .into_iter()
+            .all(|i| Self::last_view(c, i).is_some_and(|l| l.contains(&want)))
     }
 
     fn teardown(&mut self, _c: &Cluster) {
@@ -268,10 +374,23 @@ impl Peer for Ours {
                 p.kill();
             }
         }
+        self.local_services.clear();
     }
 
     fn log(&self, c: &Cluster, i: usize) -> PathBuf {
-        c.tb.dir().join(format!("lb{}-balancer.log", i + 1))
+        c.tb().dir().join(format!("lb{}.log", i + 1))
+    }
+
+    fn snapshot(&self, c: &Cluster, label: &str) {
+        for i in self.running() {
+            if let Ok(st) = c.bed.status(i + 1) {
+                let path = c
+                    .tb()
+                    .dir()
+                    .join(format!("lb{}-status-{label}.json", i + 1));
+                let _ = std::fs::write(path, st.to_string());
+            }
+        }
     }
 }
 

@@ -27,7 +27,12 @@ pub fn svg(path: &Path, title: &str, bins: &[Bin], bin_s: f64, marks: &[Mark]) -
     let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
     let x0 = bins.first().map_or(-1.0, |b| b.t);
     let x1 = bins.last().map_or(1.0, |b| b.t + bin_s);
-    let ymax = bins.iter().map(|b| b.ok.max(b.failed)).max().unwrap_or(1).max(1);
+    let ymax = bins
+        .iter()
+        .map(|b| b.ok.max(b.failed))
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let ymax = f64::from(ymax) * 1.15;
     let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
