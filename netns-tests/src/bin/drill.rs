@@ -12,53 +12,65 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use netns_tests::drill::{self, Drill, INTERRUPTED, Options, PeerKind, report};
 
-/// Failover drills under load in network namespaces (needs root).
+/// Failover drills under load in network namespaces (needs root; build the
+/// workspace first: `cargo build --workspace`).
 ///
-/// Topology (built afresh for every drill, removed after it): a client
+/// Topology, built afresh for every drill and removed after it: a client
 /// (198.18.0.2-.5) on the front bridge, nodes lb1, lb2 (lb3) with front0
-/// and back0, real servers rs1..rs4 (testsrv, port 8080) on the back
-/// bridge; VIP 198.18.0.100:80. Every drill starts from a converged cluster
-/// with lb1 holding the VIP (restart: lb1 stopped, lb2 holding), runs new
-/// connections at a fixed rate (one request each, 1 s deadline) plus
-/// long-lived keep-alive connections opened before the fault (a request
-/// every 100 ms), does its fault, and reports:
+/// and back0, real servers rs1..rs4 (testsrv on port 8080) on the back
+/// bridge; VIP 198.18.0.100:80. Every drill starts from a fresh start
+/// converged with lb1 holding the VIP (restart: from a degraded state,
+/// lb1 stopped by SIGTERM and lb2 holding), runs new connections at a
+/// fixed rate (one request each, 1 s deadline) plus long-lived keep-alive
+/// connections opened before the fault (a request every 100 ms), does its
+/// fault, and reports:
 ///
-///   gap      the larger of outage and disturbance (ms);
-///   outage   longest time between two successful responses, from the last
-///            one before the fault to the end of the load (the hole failed
-///            or delayed requests leave; ~5 ms at 200/s when calm);
-///            disturbance: the longest episode of failed requests (failures
-///            less than 250 ms apart), first to last, plus one request period
-///            (a bi-active cluster keeps serving the survivors' flows while
-///            the dead node's fail: failures interleave with successes);
-///   failed   requests that failed (connect timeout, reset, ...), of all sent;
-///   long     long-lived connections broken, to real servers (rs) and to
-///            nodes' local services (lo), of those opened;
-///   holder   nodes holding the VIP before > after.
+///   gap          the larger of the outage and the disturbance, ms;
+///   outage       longest time between two successful responses, from the
+///                last one before the fault to the end of the load (the
+///                hole failed or delayed requests leave); (calm): the same
+///                over the calm half second before the fault, the noise floor;
+///   disturbance  the longest episode of failed requests (failures less than
+///                250 ms apart), first to last, plus one request period: a
+///                bi-active cluster keeps serving the survivors' flows while
+///                the dead node's fail, so failures interleave with successes;
+///   failed       requests that failed (connect timeout, reset, ...), of all;
+///   long broken  long-lived connections broken, to real servers (rs) and to
+///                nodes' local services (lo), of those opened;
+///   VIP holder   nodes holding the VIP (MAC holder) before > after.
 ///
 /// Drills: kill-holder (SIGKILL of the VIP holder), kill-other (SIGKILL of a
 /// non-holder), cut-holder (silent cut of the holder's front link at the
-/// switch: no carrier loss), stop-holder / stop-other (SIGTERM), restart
+/// switch: carrier stays up), stop-holder / stop-other (SIGTERM), restart
 /// (lb1, stopped before the load, is started again), partition (the nodes'
-/// bridge ports are isolated from each other on both segments, so they lose
-/// each other's adverts, heartbeats and sync but not the client or the
+/// bridge ports are isolated from each other on both segments: they lose
+/// each other's adverts, heartbeats and sync, not the client nor the
 /// servers; healed after master-down + margin).
 ///
-/// keepalived baseline (BENCH.md): keepalived 2.2.7, VRRPv3, priorities
-/// 150/100(/50), nftables `dnat to numgen inc mod N` to the real servers and
-/// masquerade on back0 on every node. SIGKILL of keepalived kills its VRRP
-/// process and its parent (the kernel keeps the VIP and the DNAT rules).
+/// ours: `balancer run -c lbK.toml` with a [cluster] section (embedded
+/// heartbeat, cluster MAC, buckets, sync), NAT to the real servers, server i
+/// in the sub-cluster of node i % nodes + 1; front-instance priorities set
+/// to the baseline's.
+/// keepalived (BENCH.md): keepalived 2.2.7, VRRPv3, priorities 150/100(/50),
+/// nftables `dnat to numgen inc mod N` to the real servers and masquerade on
+/// back0 on every node. SIGKILL kills keepalived's VRRP process and its
+/// parent (the node's kernel keeps the VIP and the DNAT rules).
+///
+/// Output: a table on stdout, an SVG per drill (successes and failures per
+/// 100 ms) and every node's logs under --out, the figures as JSON (--json).
 #[derive(Parser, Debug)]
 #[command(name = "drill", verbatim_doc_comment)]
 struct Args {
-    /// Clusters to drill, comma-separated: ours, keepalived. Peers alternate
-    /// drill by drill so both appear in one report.
-    #[arg(long, default_value = "keepalived", value_delimiter = ',')]
+    /// Clusters to drill, comma-separated: ours (balancer run in cluster
+    /// mode), keepalived (the baseline). They alternate drill by drill and
+    /// appear in one report; `--peer keepalived` runs the baseline alone.
+    #[arg(long, default_value = "ours,keepalived", value_delimiter = ',')]
     peer: Vec<String>,
 
-    /// VRRP advertisement intervals to run at, comma-separated (1s, 100ms,
-    /// 20ms). Applies to both peers.
-    #[arg(long, default_value = "1s,100ms,20ms", value_delimiter = ',')]
+    /// VRRP advertisement intervals to run at, comma-separated; applies to
+    /// both peers (ours: heartbeat adverts and membership interval). The
+    /// complete comparison is `--advert 1s,100ms,20ms` (about 8 minutes).
+    #[arg(long, default_value = "100ms", value_delimiter = ',')]
     advert: Vec<String>,
 
     /// Drills to run, comma-separated (default: all). Names: kill-holder,
@@ -111,9 +123,8 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
 
-    /// Smoke test: 100ms adverts only (unless --advert is given), shorter
-    /// load (0.5 s before the fault), 4 long-lived connections judged after
-    /// 1 s.
+    /// Smoke test: shorter load (0.5 s before the fault, 0.5 s margin), 4
+    /// long-lived connections (unless --long is given) judged after 1 s.
     #[arg(long)]
     quick: bool,
 
@@ -145,15 +156,11 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut adverts: Vec<Duration> = args
+    let adverts: Vec<Duration> = args
         .advert
         .iter()
         .map(|s| duration(s))
         .collect::<Result<_>>()?;
-    let advert_given = std::env::args().any(|a| a.starts_with("--advert"));
-    if args.quick && !advert_given {
-        adverts = vec![Duration::from_millis(100)];
-    }
     for a in &adverts {
         // VRRPv3 carries the interval in centiseconds (RFC 5798 §5.2.7).
         if a.as_millis() % 10 != 0 || a.as_millis() < 10 || a.as_millis() > 40_950 {

@@ -186,7 +186,12 @@ fn converge(peer: &dyn Peer, c: &Cluster, expect: usize, advert: Duration) -> Re
                         return Ok(());
                     }
                 }
-                Err(e) => probes = format!("; {e:#}"),
+                Err(e) => {
+                    probes = format!("; {e:#}");
+                    if std::env::var_os("DRILL_DEBUG").is_some() {
+                        eprintln!("drill:   {:.2} s {probes}", t.elapsed().as_secs_f64());
+                    }
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -209,12 +214,16 @@ pub fn run_drill(
 ) -> Result<Figures> {
     let mut peer = kind.make(advert, opts);
     let tag = format!("drill-{}-{}", peer.name(), drill.name());
+    let t = Instant::now();
     let c = Cluster::new(
         &tag,
         opts.nodes,
         opts.real_servers,
         &format!("{}ms", advert.as_millis()),
     )?;
+    if opts.verbose {
+        eprintln!("drill:   topology in {:.1} s", t.elapsed().as_secs_f64());
+    }
     let res = drive(peer.as_mut(), &c, advert, drill, opts);
     peer.teardown(&c);
     let logs = keep_logs(
@@ -246,11 +255,21 @@ fn drive(
     drill: Drill,
     opts: &Options,
 ) -> Result<Figures> {
+    let t = Instant::now();
     peer.setup(c)?;
     for i in 0..c.nodes.len() {
         peer.start(c, i)?;
     }
+    let started = t.elapsed();
     converge(peer, c, 0, advert)?;
+    if opts.verbose {
+        eprintln!(
+            "drill:   {} started in {:.1} s, converged {:.1} s later",
+            peer.name(),
+            started.as_secs_f64(),
+            (t.elapsed() - started).as_secs_f64()
+        );
+    }
     let mut start = format!("fresh start, lb1 VIP holder, {} nodes up", c.nodes.len());
     if drill == Drill::Restart {
         peer.stop(c, 0)?;
@@ -385,6 +404,7 @@ fn drive(
         gap_ms: (a.gap.as_secs_f64() * 1e6).round() / 1e3,
         outage_ms: (a.outage.as_secs_f64() * 1e6).round() / 1e3,
         disturbed_ms: (a.disturbed.as_secs_f64() * 1e6).round() / 1e3,
+        calm_outage_ms: (a.calm_outage.as_secs_f64() * 1e6).round() / 1e3,
         recovered: a.recovered,
         gap_start_ms: a.gap_start_ms,
         requests: run.samples.len(),

@@ -46,6 +46,9 @@ pub struct Figures {
     pub gap_ms: f64,
     pub outage_ms: f64,
     pub disturbed_ms: f64,
+    /// The outage measured the same way over the second half of the load
+    /// before the fault, when nothing happened: the noise floor of this run.
+    pub calm_outage_ms: f64,
     pub recovered: bool,
     /// Where the gap started, ms after the fault (negative: the last
     /// success before the fault).
@@ -102,6 +105,7 @@ pub struct Analysis {
     pub gap: Duration,
     pub outage: Duration,
     pub disturbed: Duration,
+    pub calm_outage: Duration,
     pub gap_start_ms: f64,
     pub recovered: bool,
     pub failed: usize,
@@ -156,6 +160,7 @@ pub fn analyse(
         .map(|s| s.end)
         .collect();
     ends.sort();
+    let success_ends = ends.clone();
     // The last success before the window opens the first interval.
     let first = ends.partition_point(|e| *e < from).saturating_sub(1);
     let ends = &ends[first..];
@@ -176,6 +181,15 @@ pub fn analyse(
     }
 
     let outage = gap;
+    let calm_outage = success_ends
+        .iter()
+        .copied()
+        .filter(|e| *e >= fault / 2 && *e <= fault)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
     let disturbed = disturbance(run, fault.saturating_sub(timeout), period);
     if disturbed > gap {
         gap = disturbed;
@@ -234,6 +248,7 @@ pub fn analyse(
         gap,
         outage,
         disturbed,
+        calm_outage,
         gap_start_ms: signed_ms(gap_start, fault),
         recovered,
         failed: run.samples.iter().filter(|s| s.result.is_err()).count(),
@@ -297,42 +312,39 @@ pub fn long_counts(long: &[LongConn], fault: Duration) -> LongCounts {
 
 /// The report table.
 pub fn table(figs: &[Figures]) -> String {
-    let mut s = String::new();
-    s.push_str(&format!(
-        "{:<10} {:>6} {:<11} {:>9} {:>9} {:>6} {:>13} {:>14} {:>14}  {}\n",
+    let mut s = format!(
+        "{:<10} {:>6} {:<11} {:>7} {:>12} {:>13} {:>6} {:>17} {:>11}  {}\n",
         "peer",
         "advert",
         "drill",
         "gap ms",
-        "outage",
-        "p99 ms",
+        "outage(calm)",
         "failed/total",
+        "p99 ms",
         "long broken",
         "VIP holder",
         "start"
-    ));
+    );
     for f in figs {
         let gap = if f.recovered {
             format!("{:.0}", f.gap_ms)
         } else {
             format!(">{:.0}", f.gap_ms)
         };
-        let long = format!(
-            "{}/{} rs {}/{} lo",
-            f.long_broken_real, f.long_to_real, f.long_broken_local, f.long_to_local
-        );
-        let holders = format!("{}>{}", join(&f.holders_before), join(&f.holders_after));
         s.push_str(&format!(
-            "{:<10} {:>6} {:<11} {:>9} {:>9.0} {:>6.1} {:>13} {:>14} {:>14}  {}\n",
+            "{:<10} {:>6} {:<11} {:>7} {:>12} {:>13} {:>6.1} {:>17} {:>11}  {}\n",
             f.peer,
             format!("{}ms", f.advert_ms),
             f.drill,
             gap,
-            f.outage_ms,
-            f.latency_p99_ms,
+            format!("{:.0} ({:.0})", f.outage_ms, f.calm_outage_ms),
             format!("{}/{}", f.failed, f.requests),
-            long,
-            holders,
+            f.latency_p99_ms,
+            format!(
+                "{}/{} rs {}/{} lo",
+                f.long_broken_real, f.long_to_real, f.long_broken_local, f.long_to_local
+            ),
+            format!("{}>{}", join(&f.holders_before), join(&f.holders_after)),
             f.start
         ));
     }
