@@ -1,5 +1,6 @@
 //! The balancer node.
 
+pub mod cluster;
 pub mod config;
 pub mod conntrack;
 pub mod control;
@@ -10,6 +11,7 @@ pub mod peers;
 pub mod sched;
 pub mod setup;
 pub mod stats;
+pub mod sync;
 
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrorKind, Error, Result};

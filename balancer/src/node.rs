@@ -78,6 +78,11 @@ impl Output for Sinks<'_> {
     }
 }
 
+/// How long a leaving cluster node keeps forwarding after handing its
+/// buckets over (replies of its flows still reach it through its back
+/// gateway until the heartbeat moves the gateway).
+const DRAIN: Duration = Duration::from_millis(300);
+
 /// Frames handled per ring before the other ring gets its turn.
 const BATCH: usize = 256;
 
@@ -231,6 +236,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         .build()
         .map_err(io_err("tokio runtime"))?;
     let hb_handle = peers.as_ref().map(|p| p.handle.commander.clone());
+    let drainer = peers.as_ref().map(|p| p.drainer());
     let served = rt.block_on(async {
         if let Some(p) = peers {
             tokio::spawn(p.run());
@@ -248,6 +254,14 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            }
+            if let Some(d) = &drainer {
+                // Hand the buckets over before going: peers take them when
+                // the weight-0 heartbeat arrives; meanwhile this node keeps
+                // reverse-NATing replies through its back gateway.
+                d.leave(Duration::from_millis(5)).await;
+                tokio::time::sleep(DRAIN).await;
+                tracing::info!("buckets handed over");
             }
         };
         server.serve(stats.clone(), shutdown).await

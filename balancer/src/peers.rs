@@ -49,6 +49,8 @@ pub struct Peers {
     exec_rx: Option<mpsc::UnboundedReceiver<Exec>>,
     vips: Vec<Ipv4Addr>,
     universe: Vec<u32>,
+    drain: watch::Receiver<bool>,
+    drain_tx: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -61,11 +63,17 @@ impl std::fmt::Debug for Peers {
 
 /// Builds the view for a heartbeat status. Pure: the same status gives the
 /// same view on every node (the table depends on the member set only).
+///
+/// A member whose last heartbeat carries weight 0 is leaving (SIGTERM): it
+/// owns no bucket any more, though it is still live (it still holds its
+/// back gateway and reverse-NATs the replies of its flows until it stops).
+/// `draining` says this node itself is leaving.
 pub fn view_of(
     status: &NodeStatus,
     cluster: &Cluster,
     params: &TableParams,
     universe: &[u32],
+    draining: bool,
     version: u64,
 ) -> Result<ClusterView, rewrite::maglev::TableError> {
     let me = status.node_id;
@@ -73,17 +81,9 @@ pub fn view_of(
         .instance(&cluster.front_instance)
         .is_some_and(|i| i.state == State::Master);
     let live = status.live.clone();
-    let nodes: Vec<Node> = universe
-        .iter()
-        .map(|&id| {
-            let weight = status
-                .members
-                .iter()
-                .find(|m| m.node_id == id)
-                .and_then(|m| m.last.as_ref())
-                .map_or(1, |h| h.weight.max(1));
-            Node::new(id, weight, live.contains(&id))
-        })
+    let nodes: Vec<Node> = owners(status, universe, draining)
+        .into_iter()
+        .map(|(id, weight, owns)| Node::new(id, weight, owns))
         .collect();
     let table = BucketTable::build(params, &nodes, version)?;
     Ok(ClusterView {
@@ -94,6 +94,27 @@ pub fn view_of(
         live,
         version,
     })
+}
+
+/// Per configured node: id, weight, and whether it may own buckets now.
+fn owners(status: &NodeStatus, universe: &[u32], draining: bool) -> Vec<(u32, u16, bool)> {
+    universe
+        .iter()
+        .map(|&id| {
+            let last = status
+                .members
+                .iter()
+                .find(|m| m.node_id == id)
+                .and_then(|m| m.last.as_ref());
+            let leaving = if id == status.node_id {
+                draining
+            } else {
+                last.is_some_and(|h| h.weight == 0)
+            };
+            let weight = last.map_or(1, |h| h.weight.max(1));
+            (id, weight, status.live.contains(&id) && !leaving)
+        })
+        .collect()
 }
 
 impl Peers {
@@ -124,7 +145,7 @@ impl Peers {
         let (handle, exec_rx) =
             heartbeat::driver::start(&hb).map_err(|e| PeersError::Start(e.to_string()))?;
         let status = handle.status.borrow().clone();
-        let first = view_of(&status, cluster, &params, &universe, 1)?;
+        let first = view_of(&status, cluster, &params, &universe, false, 1)?;
         Ok(Peers {
             handle,
             shared: Arc::new(ArcSwap::from_pointee(first)),
@@ -134,7 +155,26 @@ impl Peers {
             exec_rx: Some(exec_rx),
             vips: config.vips(),
             universe,
-        })
+            drain: watch::channel(false).1,
+            drain_tx: watch::channel(false).0,
+        }
+        .with_drain_channel())
+    }
+
+    fn with_drain_channel(mut self) -> Peers {
+        let (tx, rx) = watch::channel(false);
+        self.drain = rx;
+        self.drain_tx = tx;
+        self
+    }
+
+    /// Leaves the cluster's ownership gracefully: announces weight 0 to the
+    /// peers at once (they take this node's buckets), then stops owning.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            commander: self.handle.commander.clone(),
+            tx: self.drain_tx.clone(),
+        }
     }
 
     /// Runs on the control-plane runtime until the heartbeat stops: performs
@@ -178,26 +218,62 @@ impl Peers {
         }
         let mut status: watch::Receiver<Arc<NodeStatus>> = self.handle.status.clone();
         let mut version = 1u64;
-        let mut last = (Vec::new(), false);
+        let mut last = None;
         loop {
             let st = status.borrow_and_update().clone();
+            let draining = *self.drain.borrow_and_update();
             let holder = st
                 .instance(&self.cluster.front_instance)
                 .is_some_and(|i| i.state == State::Master);
-            if (st.live.clone(), holder) != last {
+            let now = (
+                owners(&st, &self.universe, draining),
+                st.live.clone(),
+                holder,
+            );
+            if last.as_ref() != Some(&now) {
                 version += 1;
-                match view_of(&st, &self.cluster, &self.params, &self.universe, version) {
+                match view_of(
+                    &st,
+                    &self.cluster,
+                    &self.params,
+                    &self.universe,
+                    draining,
+                    version,
+                ) {
                     Ok(v) => {
-                        tracing::info!(live = ?v.live, mac_holder = holder, "cluster view changed");
+                        tracing::info!(live = ?v.live, owners = ?now.0, mac_holder = holder, "cluster view changed");
                         self.shared.store(Arc::new(v));
-                        last = (st.live.clone(), holder);
+                        last = Some(now);
                     }
                     Err(e) => tracing::error!(error = %e, "cannot build the bucket table"),
                 }
             }
-            if st.stopped || status.changed().await.is_err() {
+            if st.stopped {
                 break;
             }
+            tokio::select! {
+                r = status.changed() => if r.is_err() { break },
+                r = self.drain.changed() => if r.is_err() { break },
+            }
         }
+    }
+}
+
+/// Starts a graceful leave (see [`Peers::drainer`]).
+#[derive(Debug, Clone)]
+pub struct Drainer {
+    commander: heartbeat::driver::Commander,
+    tx: watch::Sender<bool>,
+}
+
+impl Drainer {
+    /// Announces weight 0 now; after `hold` stops owning buckets. Peers take
+    /// the buckets when the announcement arrives (a LAN round trip), so a
+    /// short hold keeps them from being unowned meanwhile.
+    pub async fn leave(&self, hold: std::time::Duration) {
+        self.commander
+            .send(heartbeat::driver::Command::SetWeight(0));
+        tokio::time::sleep(hold).await;
+        let _ = self.tx.send(true);
     }
 }

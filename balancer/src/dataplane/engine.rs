@@ -280,6 +280,18 @@ impl Engine {
         &self.conns
     }
 
+    /// Cluster mode: whether this node processes the flow (counts
+    /// `not_our_bucket` when not). Always true on a single node.
+    fn owns(&self, key: &FlowKey) -> bool {
+        match &self.view {
+            Some(v) if !v.owns(self.hasher.hash(key)) => {
+                self.drop(DropReason::NotOurBucket);
+                false
+            }
+            _ => true,
+        }
+    }
+
     fn is_vip(&self, ip: Ipv4Addr) -> bool {
         self.vips.contains(&ip)
     }
@@ -372,7 +384,13 @@ impl Engine {
                     }
                     L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
                     L4::IcmpOther { .. } => {
-                        // Echo and friends: the node's own stack answers for the VIP.
+                        // Echo and friends: the node's own stack answers for
+                        // the VIP (in a cluster, the node owning the "flow").
+                        if let Some(key) = p.flow_key()
+                            && !self.owns(&key)
+                        {
+                            return;
+                        }
                         if let Some(ip) = ip_packet(frame, &p) {
                             self.send_local(out, ip);
                         }
@@ -387,10 +405,13 @@ impl Engine {
         if a.op != ArpOp::Request || !self.is_vip(a.target_ip) {
             return;
         }
+        let answer = match &self.view {
+            None => self.ifs.answer_mac,
+            Some(v) if v.mac_holder => v.answer_mac,
+            Some(_) => return, // another node is the MAC holder
+        };
         let mut buf = [0u8; 64];
-        if let Ok(n) =
-            rewrite::arp::write_reply(&mut buf, a, self.ifs.answer_mac, self.ifs.front_mac)
-        {
+        if let Ok(n) = rewrite::arp::write_reply(&mut buf, a, answer, self.ifs.front_mac) {
             self.send_front(out, &buf[..n]);
             self.stats
                 .arp_replies
@@ -411,10 +432,7 @@ impl Engine {
             self.drop(DropReason::NoService);
             return;
         };
-        if let Some(v) = &self.view
-            && !v.owns(self.hasher.hash(&key))
-        {
-            self.drop(DropReason::NotOurBucket);
+        if !self.owns(&key) {
             return;
         }
         let flags = match p.kind {
@@ -608,6 +626,9 @@ impl Engine {
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
+        if !self.owns(&key) {
+            return;
+        }
         let Some(id) = self.conns.lookup(&key) else {
             self.drop(DropReason::NoConn);
             return;
