@@ -92,12 +92,23 @@ fn status(socket: PathBuf, config: Option<PathBuf>, json: bool) -> anyhow::Resul
         s["node_name"].as_str().unwrap_or("")
     );
     println!(
-        "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8}  drops",
-        "instance", "iface", "vrid", "state", "prio", "base", "master", "sent", "recv"
+        "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8} {:>5} {:>8}  drops",
+        "instance",
+        "iface",
+        "vrid",
+        "state",
+        "prio",
+        "base",
+        "master",
+        "sent",
+        "recv",
+        "trans",
+        "maxgap"
     );
     for i in s["instances"].as_array().into_iter().flatten() {
+        let gap_ms = i["max_advert_gap_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
         println!(
-            "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8}  {}",
+            "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8} {:>5} {:>6.1}ms  {}",
             i["name"].as_str().unwrap_or(""),
             i["interface"].as_str().unwrap_or(""),
             i["vrid"],
@@ -107,6 +118,8 @@ fn status(socket: PathBuf, config: Option<PathBuf>, json: bool) -> anyhow::Resul
             i["master"].as_str().unwrap_or("-"),
             i["adverts_sent"],
             i["adverts_received"],
+            i["transitions"],
+            gap_ms,
             i["drops"]
         );
     }
