@@ -149,7 +149,23 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    // Before any instance can become master: the kernel must not answer ARP
+    // for a VIP announced with another MAC (see driver::kernel_arp).
+    let table = driver::kernel_arp::table_name(cfg.node_id);
+    let quiet = driver::kernel_arp::quiet_addrs(&cfg, |i| driver::sock::interface_ipv4(i).ok());
+    let quiet_installed = match driver::kernel_arp::install(&table, &quiet) {
+        Ok(x) => {
+            if x {
+                tracing::info!(table = %table, addresses = quiet.len(), "kernel ARP for VIPs suppressed (nftables)");
+            }
+            x
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot keep the kernel from answering ARP for the VIPs; it may answer with the interface MAC");
+            false
+        }
+    };
+    let r = rt.block_on(async move {
         let (handle, exec_rx) = driver::start(&cfg)?;
         let exec = tokio::spawn(driver::exec::run(exec_rx));
         let scripts = tokio::spawn({
@@ -186,5 +202,10 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let s: Arc<NodeStatus> = status.borrow().clone();
         tracing::info!(stopped = s.stopped, "exit");
         anyhow::Ok(())
-    })
+    });
+    // Aliases are gone by now; the table goes last.
+    if quiet_installed && let Err(e) = driver::kernel_arp::remove(&table) {
+        tracing::warn!(error = %e, table = %table, "nftables table not removed");
+    }
+    r
 }

@@ -14,11 +14,14 @@
 //! - **scripts** ([`run_scripts`], tokio tasks): tracked scripts.
 //! - **ARP responder** (optional, own thread): only for a non-interface ARP
 //!   MAC; the balancer replaces it with its dataplane and [`NodeStatus::arp_answer`].
+//!   The standalone daemon also keeps the kernel from answering for those
+//!   VIPs with the interface MAC ([`kernel_arp`]).
 //!
 //! The state stream is a `tokio::sync::watch` of [`NodeStatus`]; `borrow()`
 //! is usable from plain threads too.
 
 pub mod exec;
+pub mod kernel_arp;
 pub mod sock;
 
 use std::collections::BTreeMap;
