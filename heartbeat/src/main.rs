@@ -105,22 +105,28 @@ fn status(socket: PathBuf, config: Option<PathBuf>, json: bool) -> anyhow::Resul
         "trans",
         "maxgap"
     );
+    // serde_json::Value's Display ignores widths: format plain strings.
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
     for i in s["instances"].as_array().into_iter().flatten() {
         let gap_ms = i["max_advert_gap_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
         println!(
             "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8} {:>5} {:>6.1}ms  {}",
-            i["name"].as_str().unwrap_or(""),
-            i["interface"].as_str().unwrap_or(""),
-            i["vrid"],
-            i["state"].as_str().unwrap_or(""),
-            i["priority"],
-            i["base_priority"],
-            i["master"].as_str().unwrap_or("-"),
-            i["adverts_sent"],
-            i["adverts_received"],
-            i["transitions"],
+            text(&i["name"]),
+            text(&i["interface"]),
+            text(&i["vrid"]),
+            text(&i["state"]),
+            text(&i["priority"]),
+            text(&i["base_priority"]),
+            text(&i["master"]),
+            text(&i["adverts_sent"]),
+            text(&i["adverts_received"]),
+            text(&i["transitions"]),
             gap_ms,
-            i["drops"]
+            text(&i["drops"])
         );
     }
     println!("interface drops: {}", s["interface_drops"]);

@@ -262,7 +262,10 @@ fn sync_group_back_follows_front_when_front_link_unplugged() -> Result<()> {
         ],
         "{table}"
     );
-    for (name, iface, vrid) in [("front", "front0", "51"), ("back", "back0", "52")] {
+    for (name, iface, vrid, master) in [
+        ("front", "front0", "51", "198.18.0.11"),
+        ("back", "back0", "52", "198.19.0.11"),
+    ] {
         let row: Vec<&str> = lines
             .iter()
             .find(|l| l.starts_with(&format!("{name} ")))
@@ -270,7 +273,7 @@ fn sync_group_back_follows_front_when_front_link_unplugged() -> Result<()> {
             .with_context(|| format!("no row for {name}:\n{table}"))?;
         assert_eq!(
             row[..7],
-            [name, iface, vrid, "Master", "150", "150", "198.18.0.11"][..],
+            [name, iface, vrid, "Master", "150", "150", master][..],
             "{table}"
         );
     }
@@ -443,7 +446,7 @@ fn failing_tracked_script_lowers_priority_so_peer_preempts() -> Result<()> {
 fn unicast_peers_elect_and_see_members_without_multicast() -> Result<()> {
     let t = two("hb-unicast")?;
     // The switch drops every IPv4 multicast frame on this segment.
-    let rules = "table bridge nomcast {\n chain fwd { type filter hook forward priority 0; ip daddr 224.0.0.0/4 counter drop; }\n}\n";
+    let rules = "table bridge nomcast {\n chain forward { type filter hook forward priority 0; ip daddr 224.0.0.0/4 counter drop; }\n}\n";
     t.tb.switch()
         .run(&["sh", "-c", &format!("printf '{rules}' | nft -f -")])?;
     let body = |prio: u8, peer: &str| {
