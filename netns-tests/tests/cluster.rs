@@ -253,3 +253,89 @@ fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
     );
     Ok(())
 }
+
+/// A restarted node pulls the connection table from its peer before it
+/// owns buckets again, so the long-lived connections the peer took over
+/// keep working when their buckets come back to the restarted node.
+#[test]
+fn restarted_node_pulls_the_table_before_owning_buckets() -> Result<()> {
+    let (c, _srv, mut nodes) = two_nodes("cl-restart")?;
+    let conns = c
+        .client
+        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
+            let mut v = Vec::new();
+            for _ in 0..12 {
+                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
+                let server = h.get(100, false)?.server;
+                v.push((h, server));
+            }
+            Ok(v)
+        })??;
+    std::thread::sleep(Duration::from_millis(200));
+    nodes[0].kill();
+    let load = c.client.spawn_in_ns(move || {
+        let mut conns = conns;
+        let mut broken = Vec::new();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(7) {
+            for (i, (h, server)) in conns.iter_mut().enumerate() {
+                if broken.contains(&i) {
+                    continue;
+                }
+                match h.get(1000, false) {
+                    Ok(r) if r.server == *server && r.body_ok => {}
+                    other => {
+                        eprintln!("connection {i} to {server}: {other:?}");
+                        broken.push(i);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        broken
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let cfg1 = c.dir().join("lb1.toml");
+    nodes[0] = c.start_node(1, &cfg1)?;
+    let broken = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let log = std::fs::read_to_string(c.dir().join("lb1.log"))?;
+    let pulled = log.find("connection table pulled");
+    let owning = log
+        .lines()
+        .filter(|l| l.contains("cluster view changed"))
+        .position(|l| l.contains("(1, 1, true)"))
+        .and_then(|i| {
+            log.lines()
+                .filter(|l| l.contains("cluster view changed"))
+                .nth(i)
+        })
+        .and_then(|l| log.find(l));
+    ensure!(
+        pulled.is_some(),
+        "the restarted node never pulled the table:\n{log}"
+    );
+    ensure!(
+        owning.is_some_and(|o| Some(o) > pulled),
+        "the restarted node owned buckets before pulling:\n{log}"
+    );
+    let st = c.status(1)?;
+    // No new connection was made: what lb1 forwarded since its restart
+    // belongs to the connections it got back with their buckets.
+    let pkts = st["services"][0]["pkts_in"].as_u64().unwrap_or(0);
+    ensure!(
+        conns_total(&st) == 0 && pkts > 0,
+        "lb1 after restart: {} new connections, {pkts} packets",
+        conns_total(&st)
+    );
+    println!(
+        "FIGURE cluster restart: {} of 12 long-lived connections broken",
+        broken.len()
+    );
+    ensure!(
+        broken.is_empty(),
+        "long-lived connections broken across the restart: {broken:?}"
+    );
+    Ok(())
+}
