@@ -47,6 +47,19 @@ pub struct Config {
     pub cluster: Option<Cluster>,
 }
 
+/// How the VIP's frames reach the nodes of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// Every node receives every frame on a multicast cluster MAC and keeps
+    /// the flows of its buckets (the default).
+    Multicast,
+    /// For networks that do not flood a multicast MAC: the MAC holder
+    /// receives every frame on a unicast MAC and passes other nodes' flows
+    /// to them by rewriting the destination MAC (DR between balancers).
+    Director,
+}
+
 /// `[cluster]`: the node is one of several bi-active peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
@@ -56,8 +69,11 @@ pub struct Cluster {
     pub heartbeat: PathBuf,
     /// The heartbeat instance whose master is the active MAC holder.
     pub front_instance: String,
-    /// The multicast MAC every node's front NIC accepts; the MAC holder
-    /// answers ARP for the VIPs with it.
+    /// How VIP frames reach the nodes.
+    pub mode: ClusterMode,
+    /// Multicast mode: the multicast MAC every node's front NIC accepts.
+    /// Director mode: a unicast MAC only the MAC holder accepts. The MAC
+    /// holder answers ARP for the VIPs with it.
     pub cluster_mac: rewrite::ethernet::MacAddr,
     /// Bucket table size (a prime).
     pub buckets: u32,
@@ -270,6 +286,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     heartbeat: Spanned<String>,
+    mode: Option<Spanned<ClusterMode>>,
     front_instance: Option<Spanned<String>>,
     cluster_mac: Spanned<String>,
     buckets: Option<Spanned<i64>>,
@@ -627,12 +644,27 @@ impl RawConfig {
                 format!("`{mac_text}` is not a MAC address"),
             )
         })?;
-        if !cluster_mac.is_multicast() || cluster_mac.is_broadcast() {
+        let mode = raw
+            .mode
+            .as_ref()
+            .map_or(ClusterMode::Multicast, |m| *m.get_ref());
+        let bad = match mode {
+            ClusterMode::Multicast if !cluster_mac.is_multicast() || cluster_mac.is_broadcast() => {
+                Some(
+                    "must be a multicast MAC (first octet odd), not broadcast: in multicast mode every node's NIC accepts it",
+                )
+            }
+            ClusterMode::Director if cluster_mac.is_multicast() => Some(
+                "must be a unicast MAC in director mode (e.g. the VRRP virtual MAC 00:00:5e:00:01:VRID)",
+            ),
+            _ => None,
+        };
+        if let Some(why) = bad {
             return Err(ctx.err(
                 &raw.cluster_mac.span(),
                 "cluster.cluster_mac",
                 Kind::BadValue,
-                format!("`{mac_text}` must be a multicast MAC (first octet odd), not broadcast: every node's NIC accepts it"),
+                format!("`{mac_text}` {why}"),
             ));
         }
         let buckets = match &raw.buckets {
@@ -702,6 +734,7 @@ impl RawConfig {
             .map_or_else(|| "front".to_owned(), |f| f.get_ref().clone());
         Ok(Some(Cluster {
             heartbeat,
+            mode,
             front_instance,
             cluster_mac,
             buckets,

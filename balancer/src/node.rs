@@ -51,6 +51,31 @@ pub fn interface_mac(ifname: &str) -> io::Result<MacAddr> {
     })
 }
 
+/// The IPv4 subnet of `addr` on a local interface.
+pub fn interface_net(ifname: &str, addr: std::net::Ipv4Addr) -> Option<ipnet::Ipv4Net> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    addrs
+        .filter(|a| a.interface_name == ifname)
+        .filter(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v| v.ip())) == Some(addr))
+        .find_map(|a| a.netmask.and_then(|m| m.as_sockaddr_in().map(|v| v.ip())))
+        .and_then(|mask| ipnet::Ipv4Net::with_netmask(addr, mask).ok())
+        .map(|n| n.trunc())
+}
+
+/// The default router on a local interface, from `/proc/net/route`.
+pub fn default_router(ifname: &str) -> Option<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 2 && f[0] == ifname && f[1] == "00000000" {
+            let gw = u32::from_str_radix(f[2], 16).ok()?;
+            (gw != 0).then(|| std::net::Ipv4Addr::from(gw.to_le_bytes()))
+        } else {
+            None
+        }
+    })
+}
+
 /// The IPv4 addresses on a local interface.
 pub fn interface_addrs(ifname: &str) -> io::Result<Vec<Ipv4Addr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
@@ -186,7 +211,17 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         (Some(_), Some(a)) => *a,
         _ => node.back_gateway.addr(),
     };
+    // The node's own front address (not a VIP): source of its ARP requests
+    // on the front and of connection sync.
+    let vips = config.vips();
+    let front_addr = interface_addrs(&node.front)
+        .map_err(io_err(format!("addresses of {}", node.front)))?
+        .into_iter()
+        .find(|a| !vips.contains(a));
     let ifs = Interfaces {
+        front_addr: front_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        front_net: front_addr.and_then(|a| interface_net(&node.front, a)),
+        front_router: default_router(&node.front),
         front_mac,
         back_mac,
         back_addr,
@@ -199,15 +234,10 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
             let mut p = crate::peers::Peers::start(config, c)?;
             engine = engine.with_cluster(p.shared.clone());
             if let Some((commands, ready)) = p.take_dataplane_ends() {
-                let vips = config.vips();
-                let front_addr = interface_addrs(&node.front)
-                    .map_err(io_err(format!("addresses of {}", node.front)))?
-                    .into_iter()
-                    .find(|a| !vips.contains(a))
-                    .ok_or_else(|| NodeError::Io {
-                        what: format!("front NIC {}", node.front),
-                        source: io::Error::other("has no address of its own for connection sync"),
-                    })?;
+                let front_addr = front_addr.ok_or_else(|| NodeError::Io {
+                    what: format!("front NIC {}", node.front),
+                    source: io::Error::other("has no address of its own for connection sync"),
+                })?;
                 let sync = crate::dataplane::syncio::SyncIo::open(
                     p.me(),
                     p.universe(),
@@ -230,7 +260,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
     if let Some(c) = &config.cluster {
         front_rx
-            .add_multicast(&node.front, c.cluster_mac.0)
+            .add_membership(&node.front, c.cluster_mac.0)
             .map_err(io_err(format!("cluster MAC on {}", node.front)))?;
     }
     let back_rx =

@@ -292,6 +292,9 @@ pub struct Stats {
     nic_names: [String; 3],
     /// ARP replies for the VIPs sent by the dataplane.
     pub arp_replies: AtomicU64,
+    /// Director mode: client frames the MAC holder passed to the node
+    /// owning their flow.
+    pub passed: AtomicU64,
     node: String,
 }
 
@@ -335,6 +338,7 @@ impl Stats {
                 config.node.local_tun.clone(),
             ],
             arp_replies: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
             node: config.node.name.clone(),
         }
     }
@@ -470,6 +474,7 @@ impl Stats {
                 })
                 .collect(),
             arp_replies: self.arp_replies.load(Relaxed),
+            passed: self.passed.load(Relaxed),
         }
     }
 }
@@ -606,6 +611,9 @@ pub struct StatusSnapshot {
     pub drops: Vec<DropCount>,
     pub nics: Vec<NicSnapshot>,
     pub arp_replies: u64,
+    /// Director mode: frames passed to the owning node.
+    #[serde(default)]
+    pub passed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -222,6 +222,9 @@ fn ifs() -> Interfaces {
         back_mac: BACK_MAC,
         back_addr: LB_BACK,
         answer_mac: ANSWER_MAC,
+        front_addr: Ipv4Addr::new(198, 18, 0, 11),
+        front_net: None,
+        front_router: None,
     }
 }
 

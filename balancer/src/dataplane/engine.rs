@@ -71,6 +71,12 @@ pub struct Interfaces {
     /// The MAC that ARP replies for the VIPs give (the front MAC on a single
     /// node; the cluster MAC in a cluster).
     pub answer_mac: MacAddr,
+    /// The node's own front address (sender of its ARP requests there).
+    pub front_addr: Ipv4Addr,
+    /// The front subnet and router: next hops toward clients of flows a
+    /// director passed to this node (director mode).
+    pub front_net: Option<ipnet::Ipv4Net>,
+    pub front_router: Option<Ipv4Addr>,
 }
 
 #[derive(Debug)]
@@ -105,6 +111,8 @@ pub struct Engine {
     back_local: Vec<Ipv4Addr>,
     conns: ConnTable,
     neigh: Neighbors,
+    /// Director mode: the peers' front MACs.
+    front_neigh: Neighbors,
     stats: Arc<Stats>,
     hasher: FlowHasher,
     due: Vec<Ipv4Addr>,
@@ -238,6 +246,7 @@ impl Engine {
             back_local,
             conns,
             neigh: Neighbors::new(wanted),
+            front_neigh: Neighbors::new([]),
             stats,
             hasher: FlowHasher::new(config.node.flow_hash_seed),
             due: Vec::new(),
@@ -285,6 +294,11 @@ impl Engine {
             return;
         }
         let view = arc_swap::Guard::into_inner(current);
+        if view.director {
+            let hops = [self.ifs.front_router].into_iter().flatten();
+            self.front_neigh
+                .set_wanted(view.peer_addrs.iter().map(|(_, a)| *a).chain(hops));
+        }
         for s in &mut self.services {
             for (b, v) in s.backends.iter().zip(s.views.iter_mut()) {
                 v.available = view.may_use_subcluster(b.node);
@@ -299,14 +313,66 @@ impl Engine {
 
     /// Cluster mode: whether this node processes the flow (counts
     /// `not_our_bucket` when not). Always true on a single node.
-    fn owns(&self, key: &FlowKey) -> bool {
-        match &self.view {
-            Some(v) if !v.owns(self.hasher.hash(key)) => {
-                self.drop(DropReason::NotOurBucket);
-                false
-            }
-            _ => true,
+    ///
+    /// Director mode: only frames to this node's own MAC (passed by the MAC
+    /// holder) or, on the MAC holder, to the cluster's unicast MAC are
+    /// looked at; the holder passes the flows of other nodes' buckets to
+    /// their owner by rewriting the destination MAC (DR between balancers),
+    /// with the checksum completed first (the owner gets no offload mark).
+    fn take(
+        &mut self,
+        key: &FlowKey,
+        frame: &mut [u8],
+        p: &Parsed,
+        meta: RxMeta,
+        now_ms: u64,
+        out: &mut dyn Output,
+    ) -> bool {
+        let Some(v) = &self.view else { return true };
+        if v.director
+            && p.dst_mac != self.ifs.front_mac
+            && !(v.mac_holder && p.dst_mac == v.answer_mac)
+        {
+            return false; // flooded copy of a frame for another node
         }
+        let hash = self.hasher.hash(key);
+        if v.owns(hash) {
+            return true;
+        }
+        if !(v.director && v.mac_holder) {
+            self.drop(DropReason::NotOurBucket);
+            return false;
+        }
+        let Some(mac) = v
+            .owner_addr(hash)
+            .and_then(|a| self.front_neigh.lookup(a, now_ms))
+        else {
+            self.drop(DropReason::NoNeighbor);
+            return false;
+        };
+        if meta.csum_not_ready
+            && matches!(
+                p.kind,
+                Kind::Ipv4 {
+                    l4: L4::Tcp { .. } | L4::Udp { .. },
+                    ..
+                }
+            )
+            && let Err(err) = nat::complete_checksum(frame, p)
+        {
+            self.drop(rewrite_drop(err));
+            return false;
+        }
+        if nat::set_macs(frame, self.ifs.front_mac, MacAddr(mac)).is_err() {
+            self.drop(DropReason::Runt);
+            return false;
+        }
+        let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
+        self.send_front(out, &frame[..end]);
+        self.stats
+            .passed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        false
     }
 
     fn is_vip(&self, ip: Ipv4Addr) -> bool {
@@ -384,7 +450,7 @@ impl Engine {
             return;
         };
         match p.kind {
-            Kind::Arp(a) => self.front_arp(&a, out),
+            Kind::Arp(a) => self.front_arp(&a, now_ms, out),
             Kind::Ipv4 {
                 dst, fragment, l4, ..
             } => {
@@ -395,6 +461,11 @@ impl Engine {
                     self.drop(DropReason::Fragment);
                     return;
                 }
+                if let Some(key) = p.flow_key()
+                    && !self.take(&key, frame, &p, meta, now_ms, out)
+                {
+                    return;
+                }
                 match l4 {
                     L4::Tcp { .. } | L4::Udp { .. } => {
                         self.client_packet(frame, &p, meta, now_ms, out)
@@ -403,11 +474,6 @@ impl Engine {
                     L4::IcmpOther { .. } => {
                         // Echo and friends: the node's own stack answers for
                         // the VIP (in a cluster, the node owning the "flow").
-                        if let Some(key) = p.flow_key()
-                            && !self.owns(&key)
-                        {
-                            return;
-                        }
                         if let Some(ip) = ip_packet(frame, &p) {
                             self.send_local(out, ip);
                         }
@@ -418,7 +484,16 @@ impl Engine {
         }
     }
 
-    fn front_arp(&self, a: &ArpRepr, out: &mut dyn Output) {
+    fn front_arp(&mut self, a: &ArpRepr, now_ms: u64, out: &mut dyn Output) {
+        // Director mode: every node learns the front segment's MACs (the
+        // clients' ARP for the VIP is broadcast), so replies of passed flows
+        // know their next hop from the first packet.
+        if self.view.as_ref().is_some_and(|v| v.director)
+            && self.ifs.front_net.is_some_and(|n| n.contains(&a.sender_ip))
+        {
+            self.front_neigh.want(a.sender_ip);
+        }
+        self.front_neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
         if a.op != ArpOp::Request || !self.is_vip(a.target_ip) {
             return;
         }
@@ -449,9 +524,6 @@ impl Engine {
             self.drop(DropReason::NoService);
             return;
         };
-        if !self.owns(&key) {
-            return;
-        }
         let flags = match p.kind {
             Kind::Ipv4 {
                 l4: L4::Tcp { flags, .. },
@@ -587,7 +659,7 @@ impl Engine {
                 key.dst_port
             },
             method: b.method,
-            client_mac: p.src_mac.0,
+            client_mac: self.client_mac_of(p, key.src, now_ms),
         };
         match self.conns.insert(nc, flags, now_ms) {
             Ok(id) => {
@@ -608,6 +680,41 @@ impl Engine {
             Err(_) => {
                 self.drop(DropReason::NoConn);
                 None
+            }
+        }
+    }
+
+    /// The next hop toward a client: itself when on the front subnet, else
+    /// the front router.
+    fn next_hop(&self, client: Ipv4Addr) -> Option<Ipv4Addr> {
+        match self.ifs.front_net {
+            Some(net) if net.contains(&client) => Some(client),
+            _ => self.ifs.front_router,
+        }
+    }
+
+    /// The MAC replies of a new flow go to: the source MAC of its frame, or,
+    /// for a frame a director passed (its source is the director's MAC, not
+    /// the client's next hop), the next hop's MAC from the front neighbour
+    /// table (zero while unknown: resolved when the first reply comes).
+    fn client_mac_of(&mut self, p: &Parsed, client: Ipv4Addr, now_ms: u64) -> [u8; 6] {
+        let passed = self.view.as_ref().is_some_and(|v| {
+            v.director
+                && v.peer_addrs
+                    .iter()
+                    .any(|(_, a)| self.front_neigh.lookup(*a, now_ms) == Some(p.src_mac.0))
+        });
+        if !passed {
+            return p.src_mac.0;
+        }
+        let Some(hop) = self.next_hop(client) else {
+            return [0; 6];
+        };
+        match self.front_neigh.lookup(hop, now_ms) {
+            Some(m) => m,
+            None => {
+                self.front_neigh.want(hop);
+                [0; 6]
             }
         }
     }
@@ -650,9 +757,6 @@ impl Engine {
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
-        if !self.owns(&key) {
-            return;
-        }
         let Some(id) = self.conns.lookup(&key) else {
             self.drop(DropReason::NoConn);
             return;
@@ -748,7 +852,23 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                if nat::set_macs(frame, self.ifs.front_mac, MacAddr(e.client_mac)).is_err() {
+                let client_mac = if e.client_mac == [0; 6] {
+                    // A flow passed by the director: the next hop toward the
+                    // client, resolved on the front segment.
+                    match self
+                        .next_hop(e.key.src)
+                        .and_then(|h| self.front_neigh.lookup(h, now_ms))
+                    {
+                        Some(m) => m,
+                        None => {
+                            self.drop(DropReason::NoNeighbor);
+                            return;
+                        }
+                    }
+                } else {
+                    e.client_mac
+                };
+                if nat::set_macs(frame, self.ifs.front_mac, MacAddr(client_mac)).is_err() {
                     self.drop(DropReason::Runt);
                     return;
                 }
@@ -798,6 +918,21 @@ impl Engine {
             if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
                 let f = self.scratch;
                 self.send_back(out, &f[..n]);
+            }
+        }
+        // Director mode: the peers' front MACs, to pass them their flows.
+        self.front_neigh.due_requests(now_ms, &mut due);
+        for ip in &due {
+            let req = ArpRepr {
+                op: ArpOp::Request,
+                sender_mac: self.ifs.front_mac,
+                sender_ip: self.ifs.front_addr,
+                target_mac: MacAddr([0; 6]),
+                target_ip: *ip,
+            };
+            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
+                let f = self.scratch;
+                self.send_front(out, &f[..n]);
             }
         }
         self.due = due;

@@ -287,12 +287,18 @@ impl RxRing {
 }
 
 impl RxRing {
-    /// Makes the interface accept frames to a multicast MAC (the cluster
-    /// MAC) for as long as this socket is open (PACKET_ADD_MEMBERSHIP).
-    pub fn add_multicast(&self, ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+    /// Makes the interface accept frames to `mac` (the cluster MAC: a
+    /// multicast one, or in director mode a secondary unicast one) for as
+    /// long as this socket is open (PACKET_ADD_MEMBERSHIP).
+    pub fn add_membership(&self, ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+        let kind = if mac[0] & 1 == 1 {
+            libc::PACKET_MR_MULTICAST
+        } else {
+            libc::PACKET_MR_UNICAST
+        };
         let mut mr = libc::packet_mreq {
             mr_ifindex: ifindex(ifname)? as i32,
-            mr_type: libc::PACKET_MR_MULTICAST as u16,
+            mr_type: kind as u16,
             mr_alen: 6,
             mr_address: [0; 8],
         };
