@@ -1040,7 +1040,7 @@ mod tests {
         for p in Protocol::ALL {
             assert_eq!(p.as_str().parse::<Protocol>(), Ok(p));
         }
-        assert!("lc".parse::<Scheduler>().is_err());
+        assert!("lcx".parse::<Scheduler>().is_err());
     }
 
     #[test]
@@ -1144,7 +1144,7 @@ mod tests {
         let m = refused(
             concat!(
                 node!(),
-                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\nscheduler = \"lc\"\n",
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\nscheduler = \"lcx\"\n",
             ),
             10,
             13,

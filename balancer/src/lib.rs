@@ -6,8 +6,10 @@ pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod node;
+pub mod persist;
 pub mod sched;
 pub mod setup;
+pub mod shed;
 pub mod stats;
 
 pub use config::Config;
