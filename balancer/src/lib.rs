@@ -5,6 +5,7 @@ pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod error;
+pub mod health;
 pub mod node;
 pub mod persist;
 pub mod sched;

@@ -34,6 +34,11 @@ pub struct Shedding {
     pub strategy: Strategy,
 }
 
+/// `k` is finite (config validation refuses NaN and infinities), so
+/// equality is an equivalence and the config that holds it can be `Eq`.
+impl Eq for Strategy {}
+impl Eq for Shedding {}
+
 impl Shedding {
     /// The probability that a new flow is refused when the service has
     /// `conns` connections.
