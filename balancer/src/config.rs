@@ -46,6 +46,29 @@ pub struct Config {
     /// In file order; the dataplane and [`crate::stats::Stats`] index them
     /// the same way.
     pub services: Vec<Service>,
+    /// `[cluster]`: present when this node is one of several peer balancers.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: the node is one of several bi-active peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The embedded heartbeat's config (the `heartbeat run` format), resolved
+    /// against the node config's directory. Node id and membership come
+    /// from there.
+    pub heartbeat: PathBuf,
+    /// The heartbeat instance whose master is the active MAC holder.
+    pub front_instance: String,
+    /// The multicast MAC every node's front NIC accepts; the MAC holder
+    /// answers ARP for the VIPs with it.
+    pub cluster_mac: rewrite::ethernet::MacAddr,
+    /// Bucket table size (a prime).
+    pub buckets: u32,
+    /// Connection sync: UDP port and multicast group on the front NIC.
+    pub sync_port: u16,
+    pub sync_group: Ipv4Addr,
+    /// Shared HMAC-SHA256 key of connection sync.
+    pub sync_key: String,
 }
 
 /// `[node]`.
@@ -138,6 +161,9 @@ pub struct Backend {
     pub high_water: u32,
     /// The sorry server: only used when no other backend can take a flow.
     pub sorry: bool,
+    /// The cluster node whose sub-cluster this real server belongs to (it
+    /// routes through that node's back gateway); `None`: any node's.
+    pub node: Option<u32>,
 }
 
 /// Transport protocol of a service.
@@ -253,8 +279,22 @@ pub struct RawConfig {
     conntrack: Option<Spanned<RawConntrack>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    cluster: Option<Spanned<RawCluster>>,
     #[serde(skip)]
     ctx: Ctx,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    heartbeat: Spanned<String>,
+    front_instance: Option<Spanned<String>>,
+    cluster_mac: Spanned<String>,
+    buckets: Option<Spanned<i64>>,
+    sync_port: Option<Spanned<i64>>,
+    sync_group: Option<Spanned<String>>,
+    sync_key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +399,7 @@ struct RawBackend {
     max_conns: Option<Spanned<i64>>,
     high_water: Option<Spanned<i64>>,
     sorry: Option<Spanned<bool>>,
+    node: Option<Spanned<i64>>,
 }
 
 /// What validation needs to turn a byte offset into `FILE:LINE:COLUMN`.
@@ -622,12 +663,124 @@ impl RawConfig {
             }
             services.push(service);
         }
+        let cluster = self.validate_cluster()?;
         Ok(Config {
             source: ctx.file.clone(),
             node,
             conntrack,
             services,
+            cluster,
         })
+    }
+
+    fn validate_cluster(&self) -> Result<Option<Cluster>> {
+        let ctx = &self.ctx;
+        let Some(raw) = &self.cluster else {
+            return Ok(None);
+        };
+        let raw = raw.get_ref();
+        let hb = raw.heartbeat.get_ref();
+        if hb.is_empty() {
+            return Err(ctx.err(
+                &raw.heartbeat.span(),
+                "cluster.heartbeat",
+                Kind::BadValue,
+                "expected a file path",
+            ));
+        }
+        let dir = ctx.file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let heartbeat = dir.join(hb);
+        let mac_text = raw.cluster_mac.get_ref();
+        let cluster_mac: rewrite::ethernet::MacAddr = mac_text.parse().map_err(|_| {
+            ctx.err(
+                &raw.cluster_mac.span(),
+                "cluster.cluster_mac",
+                Kind::BadValue,
+                format!("`{mac_text}` is not a MAC address"),
+            )
+        })?;
+        if !cluster_mac.is_multicast() || cluster_mac.is_broadcast() {
+            return Err(ctx.err(
+                &raw.cluster_mac.span(),
+                "cluster.cluster_mac",
+                Kind::BadValue,
+                format!("`{mac_text}` must be a multicast MAC (first octet odd), not broadcast: every node's NIC accepts it"),
+            ));
+        }
+        let buckets = match &raw.buckets {
+            None => 65_537,
+            Some(b) => {
+                let v = *b.get_ref();
+                if !(7..=1_048_573).contains(&v) || !rewrite::maglev::is_prime(v as u32) {
+                    return Err(ctx.err(
+                        &b.span(),
+                        "cluster.buckets",
+                        Kind::OutOfRange,
+                        format!("{v} must be a prime between 7 and 1048573"),
+                    ));
+                }
+                v as u32
+            }
+        };
+        let sync_port = match &raw.sync_port {
+            None => 7790,
+            Some(p) => {
+                let v = *p.get_ref();
+                if !(1..=65535).contains(&v) {
+                    return Err(ctx.err(
+                        &p.span(),
+                        "cluster.sync_port",
+                        Kind::OutOfRange,
+                        format!("{v} is not a port (1..=65535)"),
+                    ));
+                }
+                v as u16
+            }
+        };
+        let sync_group = match &raw.sync_group {
+            None => Ipv4Addr::new(239, 255, 77, 78),
+            Some(g) => {
+                let v: Ipv4Addr = g.get_ref().parse().map_err(|_| {
+                    ctx.err(
+                        &g.span(),
+                        "cluster.sync_group",
+                        Kind::BadValue,
+                        format!("`{}` is not an IPv4 address", g.get_ref()),
+                    )
+                })?;
+                if !v.is_multicast() {
+                    return Err(ctx.err(
+                        &g.span(),
+                        "cluster.sync_group",
+                        Kind::BadValue,
+                        format!("`{v}` is not a multicast group"),
+                    ));
+                }
+                v
+            }
+        };
+        let key = raw.sync_key.get_ref();
+        if key.len() < 16 {
+            return Err(ctx.err(
+                &raw.sync_key.span(),
+                "cluster.sync_key",
+                Kind::BadValue,
+                "the sync key must be at least 16 bytes",
+            ));
+        }
+        let front_instance = raw
+            .front_instance
+            .as_ref()
+            .map_or_else(|| "front".to_owned(), |f| f.get_ref().clone());
+        Ok(Some(Cluster {
+            heartbeat,
+            front_instance,
+            cluster_mac,
+            buckets,
+            sync_port,
+            sync_group,
+            sync_key: key.clone(),
+        }))
     }
 
     fn validate_node(&self) -> Result<Node> {
@@ -1024,6 +1177,21 @@ fn validate_service(
                 format!("backend[{prev}] is already the sorry server of this service"),
             ));
         }
+        let node = match &rb.get_ref().node {
+            None => None,
+            Some(n) => {
+                let v = *n.get_ref();
+                if !(1..=i64::from(u32::MAX)).contains(&v) {
+                    return Err(ctx.err(
+                        &n.span(),
+                        format!("{bkey}.node"),
+                        Kind::OutOfRange,
+                        format!("{v} is not a node id (1..=4294967295)"),
+                    ));
+                }
+                Some(v as u32)
+            }
+        };
         backends.push(Backend {
             name,
             address,
@@ -1033,6 +1201,7 @@ fn validate_service(
             max_conns,
             high_water,
             sorry,
+            node,
         });
     }
     if backends.iter().all(|b| b.sorry) {

@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod error;
 pub mod health;
 pub mod node;
+pub mod peers;
 pub mod persist;
 pub mod sched;
 pub mod setup;

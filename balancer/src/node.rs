@@ -31,6 +31,8 @@ pub enum NodeError {
     Balancer(#[from] crate::Error),
     #[error("connection table: {0}")]
     Conntrack(#[from] crate::conntrack::ConntrackError),
+    #[error(transparent)]
+    Peers(#[from] crate::peers::PeersError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
@@ -108,6 +110,7 @@ fn dataplane_loop(
     ];
     while !stop.load(Ordering::Relaxed) {
         let now_ms = t0.elapsed().as_millis() as u64;
+        engine.refresh();
         let mut sinks = Sinks {
             front: &mut front_tx,
             back: &mut back_tx,
@@ -174,16 +177,35 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let back_mac = interface_mac(&node.back).map_err(io_err(format!("back NIC {}", node.back)))?;
     let back_local =
         interface_addrs(&node.back).map_err(io_err(format!("addresses of {}", node.back)))?;
+    // The source of our ARP requests on the back: the gateway alias on a
+    // single node; in a cluster the gateway moves, so the node's own address.
+    let back_addr = match (&config.cluster, back_local.first()) {
+        (Some(_), Some(a)) => *a,
+        _ => node.back_gateway.addr(),
+    };
     let ifs = Interfaces {
         front_mac,
         back_mac,
-        back_addr: node.back_gateway.addr(),
+        back_addr,
         answer_mac: front_mac,
     };
     let stats = Arc::new(Stats::new(config));
-    let engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let mut engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let peers = match &config.cluster {
+        Some(c) => {
+            let p = crate::peers::Peers::start(config, c)?;
+            engine = engine.with_cluster(p.shared.clone());
+            Some(p)
+        }
+        None => None,
+    };
     let front_rx =
         RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
+    if let Some(c) = &config.cluster {
+        front_rx
+            .add_multicast(&node.front, c.cluster_mac.0)
+            .map_err(io_err(format!("cluster MAC on {}", node.front)))?;
+    }
     let back_rx =
         RxRing::open(&node.back, 4096).map_err(io_err(format!("RX ring on {}", node.back)))?;
     let front_tx =
@@ -208,7 +230,11 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         .enable_all()
         .build()
         .map_err(io_err("tokio runtime"))?;
+    let hb_handle = peers.as_ref().map(|p| p.handle.commander.clone());
     let served = rt.block_on(async {
+        if let Some(p) = peers {
+            tokio::spawn(p.run());
+        }
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {
             let mut term =
@@ -226,6 +252,11 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         };
         server.serve(stats.clone(), shutdown).await
     });
+    if let Some(c) = hb_handle {
+        // Priority 0: a backup takes over at once (RFC 5798 §6.4.3).
+        c.send(heartbeat::driver::Command::Shutdown);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = dp.join();
     let _ = std::fs::remove_file(&node.control_socket);

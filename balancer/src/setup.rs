@@ -699,12 +699,16 @@ impl Plan {
                 why: "VIP alias on the front (a local address for locally served flows)",
             });
         }
-        steps.push(Step::Address {
-            dev: n.back.clone(),
-            addr: n.back_gateway,
-            label: format!("{}:0", n.back),
-            why: "back gateway alias: NAT real servers route through it",
-        });
+        // In a cluster the back gateway is a heartbeat instance: it moves to
+        // a survivor when its node fails, so the heartbeat adds and removes it.
+        if config.cluster.is_none() {
+            steps.push(Step::Address {
+                dev: n.back.clone(),
+                addr: n.back_gateway,
+                label: format!("{}:0", n.back),
+                why: "back gateway alias: NAT real servers route through it",
+            });
+        }
         Plan {
             node: n.name.clone(),
             steps,

@@ -92,10 +92,75 @@ impl Refusal {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Length of the HMAC-SHA256 tag.
+pub const MAC_LEN: usize = 32;
+
 fn mac_of(key: &[u8], body: &[u8]) -> Option<HmacSha256> {
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).ok()?;
     m.update(body);
     Some(m)
+}
+
+/// HMAC-SHA256(`key`, `body`): the authentication of every cluster message
+/// (membership heartbeats here, connection sync in the balancer).
+pub fn sign(key: &[u8], body: &[u8]) -> [u8; MAC_LEN] {
+    let mut out = [0u8; MAC_LEN];
+    // HMAC accepts keys of any length, so this cannot fail.
+    if let Some(m) = mac_of(key, body) {
+        out.copy_from_slice(&m.finalize().into_bytes());
+    }
+    out
+}
+
+/// Checks `tag` against HMAC-SHA256(`key`, `body`) in constant time.
+pub fn verify(key: &[u8], body: &[u8], tag: &[u8]) -> bool {
+    mac_of(key, body).is_some_and(|m| m.verify_slice(tag).is_ok())
+}
+
+/// The receiver's replay check, per sender (see the module docs): a sequence
+/// must be strictly greater than the last accepted one from the same sender,
+/// and, with `max_age`, not older than the receiver's wall clock minus
+/// `max_age`. Shared by membership heartbeats and connection sync.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayGuard {
+    max_age: Option<Duration>,
+    last: BTreeMap<u32, u64>,
+}
+
+impl ReplayGuard {
+    pub fn new(max_age: Option<Duration>) -> Self {
+        ReplayGuard {
+            max_age,
+            last: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `sequence` from `sender` may be accepted; changes nothing.
+    /// [`Refusal::Stale`] is checked before [`Refusal::Replay`].
+    pub fn check(&self, sender: u32, sequence: u64, unix_micros: u64) -> Result<(), Refusal> {
+        if let Some(max) = self.max_age {
+            let floor = unix_micros.saturating_sub(max.as_micros() as u64);
+            if sequence < floor {
+                return Err(Refusal::Stale);
+            }
+        }
+        if self.last.get(&sender).is_some_and(|&l| sequence <= l) {
+            return Err(Refusal::Replay);
+        }
+        Ok(())
+    }
+
+    /// Records `sequence` as the last accepted from `sender` (call only after
+    /// the message passed every other check).
+    pub fn accept(&mut self, sender: u32, sequence: u64) {
+        let l = self.last.entry(sender).or_insert(0);
+        *l = (*l).max(sequence);
+    }
+
+    /// The last accepted sequence from `sender`.
+    pub fn last(&self, sender: u32) -> Option<u64> {
+        self.last.get(&sender).copied()
+    }
 }
 
 impl Heartbeat {
@@ -111,10 +176,8 @@ impl Heartbeat {
         b[16..32].copy_from_slice(&self.config_digest);
         b[32..40].copy_from_slice(&self.epoch.to_be_bytes());
         b[40..48].copy_from_slice(&self.sequence.to_be_bytes());
-        // HMAC accepts keys of any length, so this cannot fail.
-        if let Some(m) = mac_of(key, &b[..MAC_AT]) {
-            b[MAC_AT..MAC_AT + 32].copy_from_slice(&m.finalize().into_bytes());
-        }
+        let tag = sign(key, &b[..MAC_AT]);
+        b[MAC_AT..MAC_AT + MAC_LEN].copy_from_slice(&tag);
         b
     }
 
@@ -126,9 +189,9 @@ impl Heartbeat {
         if b[0..4] != MAGIC {
             return Err(Refusal::BadMagic);
         }
-        let m = mac_of(key, &b[..MAC_AT]).ok_or(Refusal::BadMac)?;
-        m.verify_slice(&b[MAC_AT..MAC_AT + 32])
-            .map_err(|_| Refusal::BadMac)?;
+        if !verify(key, &b[..MAC_AT], &b[MAC_AT..MAC_AT + MAC_LEN]) {
+            return Err(Refusal::BadMac);
+        }
         let u16at = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
         let u64at = |o: usize| {
             let mut x = [0u8; 8];
@@ -158,7 +221,7 @@ pub struct SequenceGen {
 
 impl SequenceGen {
     pub fn next(&mut self, unix_micros: u64) -> u64 {
-        self.last = unix_micros.max(self.last + 1);
+        self.last = unix_micros.max(self.last.saturating_add(1));
         self.last
     }
 }
@@ -189,7 +252,7 @@ pub struct Membership {
     interval: Duration,
     /// Dead after this many missed intervals (3).
     pub dead_after: u32,
-    max_age: Option<Duration>,
+    guard: ReplayGuard,
     members: BTreeMap<u32, Member>,
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -217,7 +280,7 @@ impl Membership {
             self_id,
             interval,
             dead_after: 3,
-            max_age,
+            guard: ReplayGuard::new(max_age),
             members,
             refused,
         }
@@ -244,21 +307,13 @@ impl Membership {
         if hb.node_id == self.self_id {
             return self.refuse(Refusal::FromSelf);
         }
-        if let Some(max) = self.max_age {
-            let floor = unix_micros.saturating_sub(max.as_micros() as u64);
-            if hb.sequence < floor {
-                return self.refuse(Refusal::Stale);
-            }
-        }
-        let Some(m) = self.members.get(&hb.node_id) else {
-            return self.refuse(Refusal::UnknownNode);
-        };
-        if m.last.is_some_and(|l| hb.sequence <= l.sequence) {
-            return self.refuse(Refusal::Replay);
+        if let Err(r) = self.guard.check(hb.node_id, hb.sequence, unix_micros) {
+            return self.refuse(r);
         }
         let Some(m) = self.members.get_mut(&hb.node_id) else {
-            return Ok(None);
+            return self.refuse(Refusal::UnknownNode);
         };
+        self.guard.accept(hb.node_id, hb.sequence);
         let was = m.alive;
         m.alive = true;
         m.last = Some(hb);
@@ -369,6 +424,24 @@ mod tests {
         // Restarted a second later: fresh generator, still larger.
         let mut g2 = SequenceGen::default();
         assert!(g2.next(1_001_000) > 1002);
+    }
+
+    #[test]
+    fn sign_verify_and_replay_guard_are_reusable() {
+        let tag = sign(KEY, b"body");
+        assert!(verify(KEY, b"body", &tag));
+        assert!(!verify(KEY, b"bodY", &tag));
+        assert!(!verify(b"other", b"body", &tag));
+        assert!(!verify(KEY, b"body", &tag[..31]));
+        let mut g = ReplayGuard::new(Some(Duration::from_secs(1)));
+        let now_us = 10_000_000;
+        assert_eq!(g.check(7, now_us, now_us), Ok(()));
+        g.accept(7, now_us);
+        assert_eq!(g.check(7, now_us, now_us), Err(Refusal::Replay));
+        assert_eq!(g.check(8, now_us, now_us), Ok(()), "per sender");
+        assert_eq!(g.check(7, 1, now_us), Err(Refusal::Stale));
+        assert_eq!(g.check(7, now_us + 1, now_us), Ok(()));
+        assert_eq!(g.last(7), Some(now_us));
     }
 
     #[test]

@@ -3,5 +3,6 @@
 //! `bench` built on it. Everything needs root.
 
 pub mod client;
+pub mod cluster;
 pub mod single;
 pub mod topo;

@@ -488,6 +488,21 @@ impl Testbed {
             .map(|_| ())
     }
 
+    /// Unplugs a host's cable at the switch: the switch port goes down, so
+    /// the host's interface loses carrier (what a pulled cable looks like).
+    pub fn unplug(&self, host: &Host, ifname: &str) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        self.sw
+            .run(&["ip", "link", "set", &port, "down"])
+            .map(|_| ())
+    }
+
+    /// Plugs back a cable pulled with [`Testbed::unplug`].
+    pub fn plug(&self, host: &Host, ifname: &str) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        self.sw.run(&["ip", "link", "set", &port, "up"]).map(|_| ())
+    }
+
     /// The bridge port (in the switch namespace) of a host's interface.
     pub fn port(&self, host: &Host, ifname: &str) -> Result<String> {
         self.port_of(host, ifname)

@@ -284,10 +284,10 @@ fn sigkill_of_master_moves_mastership_within_master_down() -> Result<()> {
 }
 
 #[test]
-fn link_cut_of_master_moves_mastership_and_master_goes_fault() -> Result<()> {
+fn unplugged_master_goes_fault_and_backup_takes_over() -> Result<()> {
     let mut b = bed("hb-cut", &[spec(1, 150, "100ms"), spec(2, 100, "100ms")])?;
     converge(&mut b, 0, Duration::from_secs(10))?;
-    b.tb.cut(&b.nodes[0].host, "front0")?;
+    b.tb.unplug(&b.nodes[0].host, "front0")?;
     let took = wait(Duration::from_secs(5), || is(&b.nodes[1].state(), "Master"))
         .context("lb2 never became master")?;
     println!("FIGURE link cut 100ms adverts: lb2 master after {took:?}");
@@ -297,7 +297,7 @@ fn link_cut_of_master_moves_mastership_and_master_goes_fault() -> Result<()> {
         .context("lb1 not in Fault")?;
     wait(Duration::from_secs(2), || !b.nodes[0].has_vip()).context("lb1 kept the VIP")?;
     // Healing: lb1 (preempt, higher priority) takes back.
-    b.tb.heal(&b.nodes[0].host, "front0")?;
+    b.tb.plug(&b.nodes[0].host, "front0")?;
     wait(Duration::from_secs(5), || {
         is(&b.nodes[0].state(), "Master") && is(&b.nodes[1].state(), "Backup")
     })

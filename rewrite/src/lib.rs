@@ -18,6 +18,7 @@
 //!   incrementally, and [`nat::complete_checksum`] for frames that carry a
 //!   partial (offloaded) checksum.
 //! - [`flow`]: the flow key and the seeded flow hash.
+//! - [`maglev`]: the bucket table (which cluster node owns which flows).
 //! - `build` (feature `builder`, and in this crate's tests): a frame builder
 //!   for tests.
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod ethernet;
 pub mod flow;
 pub mod icmp;
 pub mod ipv4;
+pub mod maglev;
 pub mod nat;
 pub mod packet;
 pub mod tcp;
@@ -42,6 +44,7 @@ pub use ethernet::{EthernetFrame, EthernetRepr, MacAddr};
 pub use flow::{FlowHasher, FlowKey};
 pub use icmp::{IcmpPacket, IcmpRepr};
 pub use ipv4::{Ipv4Packet, Ipv4Repr};
+pub use maglev::{BucketTable, NodeId, TableParams};
 pub use nat::RewriteError;
 pub use packet::{Kind, L4, ParseError, Parsed, parse};
 pub use tcp::{TcpFlags, TcpPacket, TcpRepr};

@@ -45,6 +45,7 @@ use crate::conntrack::{
 };
 use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
+use crate::dataplane::view::{ClusterView, SharedView};
 use crate::sched::{BackendView, Scheduler};
 use crate::stats::{ConnGauge, DropReason, Nic, Stats};
 
@@ -76,6 +77,8 @@ struct BackendRt {
     addr: Ipv4Addr,
     port: u16,
     method: Method,
+    /// Sub-cluster (cluster node id) of the real server, if attached to one.
+    node: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -107,6 +110,10 @@ pub struct Engine {
     garps_sent: u32,
     next_garp_ms: u64,
     scratch: [u8; 64],
+    /// Cluster mode: the published view, and the copy this thread uses
+    /// (refreshed once per poll round by [`Engine::refresh`]).
+    shared: Option<SharedView>,
+    view: Option<Arc<ClusterView>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -196,6 +203,7 @@ impl Engine {
                         s.port
                     },
                     method: b.forward,
+                    node: b.node,
                 })
                 .collect();
             wanted.extend(
@@ -233,7 +241,39 @@ impl Engine {
             garps_sent: 0,
             next_garp_ms: 0,
             scratch: [0; 64],
+            shared: None,
+            view: None,
         })
+    }
+
+    /// Cluster mode: follow the view the control plane publishes. Flows of
+    /// buckets other nodes own are dropped (`not_our_bucket`); ARP for the
+    /// VIPs is answered only while this node is the MAC holder.
+    pub fn with_cluster(mut self, shared: SharedView) -> Engine {
+        self.shared = Some(shared);
+        self.refresh();
+        self
+    }
+
+    /// Picks up a newly published cluster view (cheap when nothing changed:
+    /// one atomic load). Call once per poll round.
+    pub fn refresh(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let current = shared.load();
+        if self
+            .view
+            .as_ref()
+            .is_some_and(|v| v.version == current.version)
+        {
+            return;
+        }
+        let view = arc_swap::Guard::into_inner(current);
+        for s in &mut self.services {
+            for (b, v) in s.backends.iter().zip(s.views.iter_mut()) {
+                v.available = view.may_use_subcluster(b.node);
+            }
+        }
+        self.view = Some(view);
     }
 
     pub fn connections(&self) -> &ConnTable {
@@ -371,6 +411,12 @@ impl Engine {
             self.drop(DropReason::NoService);
             return;
         };
+        if let Some(v) = &self.view
+            && !v.owns(self.hasher.hash(&key))
+        {
+            self.drop(DropReason::NotOurBucket);
+            return;
+        }
         let flags = match p.kind {
             Kind::Ipv4 {
                 l4: L4::Tcp { flags, .. },
@@ -694,7 +740,9 @@ impl Engine {
             }
         }
         self.due = due;
-        if self.garps_sent < GARP_COUNT && now_ms >= self.next_garp_ms {
+        // In a cluster the heartbeat announces the VIPs when this node
+        // becomes the MAC holder.
+        if self.shared.is_none() && self.garps_sent < GARP_COUNT && now_ms >= self.next_garp_ms {
             self.garps_sent += 1;
             self.next_garp_ms = now_ms + 1000;
             for i in 0..self.vips.len() {

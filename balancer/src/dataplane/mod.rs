@@ -6,3 +6,4 @@ pub mod engine;
 pub mod neigh;
 pub mod ring;
 pub mod tun;
+pub mod view;

@@ -286,6 +286,27 @@ impl RxRing {
     }
 }
 
+impl RxRing {
+    /// Makes the interface accept frames to a multicast MAC (the cluster
+    /// MAC) for as long as this socket is open (PACKET_ADD_MEMBERSHIP).
+    pub fn add_multicast(&self, ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+        let mut mr = libc::packet_mreq {
+            mr_ifindex: ifindex(ifname)? as i32,
+            mr_type: libc::PACKET_MR_MULTICAST as u16,
+            mr_alen: 6,
+            mr_address: [0; 8],
+        };
+        mr.mr_address[..6].copy_from_slice(&mac);
+        setsockopt(
+            self.fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_ADD_MEMBERSHIP,
+            &mr,
+            "PACKET_ADD_MEMBERSHIP",
+        )
+    }
+}
+
 impl FrameRx for RxRing {
     fn recv_batch(&mut self, budget: usize, f: &mut dyn FnMut(&mut [u8], RxMeta)) -> usize {
         let mut n = 0;

@@ -1,0 +1,47 @@
+//! What the control plane tells the dataplane about the cluster: published
+//! as a whole with `arc-swap`, read by the dataplane once per poll round
+//! (never per packet, never under a lock).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rewrite::ethernet::MacAddr;
+use rewrite::maglev::BucketTable;
+
+/// The cluster as this node sees it now.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// This node's id (the heartbeat's `node.id`).
+    pub me: u32,
+    /// This node is the active MAC holder: it answers ARP for the VIPs.
+    pub mac_holder: bool,
+    /// The MAC ARP replies for the VIPs give (the cluster MAC).
+    pub answer_mac: MacAddr,
+    /// Which node owns each bucket of flows.
+    pub table: BucketTable,
+    /// Live members (including this node when it is up).
+    pub live: Vec<u32>,
+    /// Bumped on every change; the dataplane refreshes derived state when
+    /// it moves.
+    pub version: u64,
+}
+
+impl ClusterView {
+    /// Whether this node processes the flow with this hash.
+    pub fn owns(&self, flow_hash: u64) -> bool {
+        self.table.lookup(flow_hash) == Some(self.me)
+    }
+
+    /// Whether a real server of `node`'s sub-cluster may get new flows from
+    /// this node: its own, those of any node, and those of dead nodes (whose
+    /// back gateway this node's heartbeat has taken over).
+    pub fn may_use_subcluster(&self, node: Option<u32>) -> bool {
+        match node {
+            None => true,
+            Some(n) => n == self.me || !self.live.contains(&n),
+        }
+    }
+}
+
+/// The shared cell the control plane writes and the dataplane reads.
+pub type SharedView = Arc<ArcSwap<ClusterView>>;

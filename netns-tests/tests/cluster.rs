@@ -1,0 +1,163 @@
+//! Bi-active cluster in namespaces: every node receives the VIP's frames on
+//! the cluster MAC and serves only the flows of its buckets.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use netns_tests::client::http_get;
+use netns_tests::cluster::ClusterBed;
+use netns_tests::single::SingleNode;
+
+const T: Duration = Duration::from_secs(5);
+
+const NAT: &str = r#"
+[[service]]
+name = "web"
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+scheduler = "wrr"
+
+[[service.backend]]
+name = "rs1"
+address = "198.19.0.21"
+port = 8080
+forward = "nat"
+node = 1
+
+[[service.backend]]
+name = "rs2"
+address = "198.19.0.22"
+port = 8080
+forward = "nat"
+node = 2
+"#;
+
+fn conns_total(st: &serde_json::Value) -> u64 {
+    st["services"][0]["conns_total"].as_u64().unwrap_or(0)
+}
+
+/// Two nodes share the flows by their buckets: each is answered once, each
+/// node serves about half (equal weights) through its own sub-cluster.
+#[test]
+fn two_nodes_share_flows_by_bucket_and_none_is_served_twice() -> Result<()> {
+    let c = ClusterBed::new("cl-share", 2, 2, "100ms")?;
+    let _srv = c.start_servers(8080)?;
+    let cfg1 = c.write_configs(1, NAT)?;
+    let cfg2 = c.write_configs(2, NAT)?;
+    let _n1 = c.start_node(1, &cfg1)?;
+    let _n2 = c.start_node(2, &cfg2)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    const N: usize = 400;
+    let servers = c.client.in_ns(|| -> Result<Vec<String>> {
+        (0..N)
+            .map(|_| Ok(http_get(SingleNode::vip(80), 1000, T)?.server))
+            .collect()
+    })??;
+    let on1 = servers.iter().filter(|s| *s == "rs1").count();
+    let (s1, s2) = (c.status(1)?, c.status(2)?);
+    let (t1, t2) = (conns_total(&s1), conns_total(&s2));
+    ensure!(
+        t1 + t2 == N as u64,
+        "nodes counted {t1} + {t2} connections for {N} flows"
+    );
+    ensure!(
+        on1 as u64 == t1,
+        "rs1 served {on1}, lb1 scheduled {t1}: flows left their node's sub-cluster"
+    );
+    let share = t1 as f64 / N as f64;
+    ensure!(
+        (share - 0.5).abs() <= 0.05,
+        "lb1's share {share:.3}, expected 0.5 ± 0.05"
+    );
+    Ok(())
+}
+
+/// Short requests at a steady rate while `fault` strikes at 1 s; returns
+/// per-request (start offset ms, ok).
+fn load_around(c: &ClusterBed, secs: u64, fault: impl FnOnce() -> Result<()>) -> Result<Vec<(u64, bool)>> {
+    let h = c.client.spawn_in_ns(move || {
+        let t0 = std::time::Instant::now();
+        let mut v = Vec::new();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            let at = t0.elapsed().as_millis() as u64;
+            let ok = http_get(SingleNode::vip(80), 500, Duration::from_millis(500)).is_ok();
+            v.push((at, ok));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        v
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    fault()?;
+    h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?
+}
+
+/// The longest run of failed requests, in ms from the first failure's start
+/// to the next success's start.
+fn gap_ms(v: &[(u64, bool)]) -> u64 {
+    let mut worst = 0;
+    let mut start = None;
+    for (at, ok) in v {
+        match (ok, start) {
+            (false, None) => start = Some(*at),
+            (true, Some(s)) => {
+                worst = worst.max(at - s);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(s), Some((last, _))) = (start, v.last()) {
+        worst = worst.max(last - s + 1);
+    }
+    worst
+}
+
+fn two_nodes(tag: &str) -> Result<(ClusterBed, Vec<netns_tests::topo::Proc>, Vec<netns_tests::topo::Proc>)> {
+    let c = ClusterBed::new(tag, 2, 2, "100ms")?;
+    let srv = c.start_servers(8080)?;
+    let mut nodes = Vec::new();
+    for k in 1..=2 {
+        let cfg = c.write_configs(k, NAT)?;
+        nodes.push(c.start_node(k, &cfg)?);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok((c, srv, nodes))
+}
+
+/// SIGKILL of the MAC holder: the survivor takes its buckets (and the MAC)
+/// after the membership dead interval; new connections then all succeed.
+#[test]
+fn sigkill_of_the_mac_holder_moves_its_buckets_to_the_survivor() -> Result<()> {
+    let (c, _srv, nodes) = two_nodes("cl-kill")?;
+    let pid = nodes[0].pid().unwrap_or(0);
+    let v = load_around(&c, 4, || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+        Ok(())
+    })?;
+    let gap = gap_ms(&v);
+    let failed = v.iter().filter(|(_, ok)| !ok).count();
+    println!("FIGURE cluster SIGKILL of MAC holder, 100ms adverts: gap {gap} ms, {failed} of {} failed", v.len());
+    ensure!(v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok), "requests still failing 1.5 s after the kill");
+    ensure!(gap < 1500, "failover gap {gap} ms");
+    let st = c.status(2)?;
+    ensure!(conns_total(&st) > 0, "lb2 served nothing");
+    Ok(())
+}
+
+/// SIGTERM of a node: priority 0 and a clean leave; the other node's flows
+/// never stop, and after the leave every new flow succeeds.
+#[test]
+fn sigterm_of_a_node_hands_over() -> Result<()> {
+    let (c, _srv, nodes) = two_nodes("cl-term")?;
+    let pid = nodes[1].pid().unwrap_or(0);
+    let v = load_around(&c, 4, || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    })?;
+    let gap = gap_ms(&v);
+    let failed = v.iter().filter(|(_, ok)| !ok).count();
+    println!("FIGURE cluster SIGTERM of non-holder: gap {gap} ms, {failed} of {} failed", v.len());
+    ensure!(v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok), "requests still failing 1.5 s after the stop");
+    Ok(())
+}
