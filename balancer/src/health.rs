@@ -9,8 +9,9 @@
 //!   an expected status and optional body substring), bounded by the
 //!   check's timeout; [`judge_http`] is its pure half.
 //! - [`run`]: the driver, a tokio task per backend on the control-plane
-//!   runtime: probe every `interval`, step the state machine, publish to a
-//!   [`HealthBoard`] that the dataplane reads without locks.
+//!   runtime: probe every `interval`, step the state machine, publish to
+//!   the backend's [`BackendHealth`] in [`crate::Stats`], which the
+//!   dataplane reads without locks (and `balancer status` shows).
 //!
 //! Transition table (`rise` / `fall` successes / failures in a row):
 //!
@@ -397,38 +398,6 @@ impl BackendHealth {
     }
 }
 
-/// Health of every backend, shaped like the config (`[service][backend]`);
-/// backends of services without checks stay up. Share as `Arc`.
-#[derive(Debug)]
-pub struct HealthBoard {
-    services: Box<[Box<[BackendHealth]>]>,
-}
-
-impl HealthBoard {
-    pub fn new(config: &crate::Config) -> HealthBoard {
-        HealthBoard {
-            services: config
-                .services
-                .iter()
-                .map(|s| {
-                    s.backends
-                        .iter()
-                        .map(|_| BackendHealth::default())
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    pub fn backend(&self, service: usize, backend: usize) -> Option<&BackendHealth> {
-        self.services.get(service)?.get(backend)
-    }
-
-    pub fn service(&self, service: usize) -> &[BackendHealth] {
-        self.services.get(service).map_or(&[], |s| s)
-    }
-}
-
 /// One backend to check.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -463,19 +432,19 @@ pub fn targets(config: &crate::Config) -> Vec<Target> {
 }
 
 /// The driver: checks every target on its interval until `shutdown`
-/// resolves, publishing to `board`. Runs on the control-plane runtime; the
+/// resolves, publishing to each backend's [`BackendHealth`] in `stats`. Runs on the control-plane runtime; the
 /// checks of different backends run concurrently, each backend's checks
 /// one after another (a check never overlaps the next one of the same
 /// backend, since `timeout <= interval`).
 pub async fn run(
     targets: Vec<Target>,
-    board: Arc<HealthBoard>,
+    stats: Arc<crate::Stats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let t0 = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for t in targets {
-        let board = Arc::clone(&board);
+        let stats = Arc::clone(&stats);
         tasks.spawn(async move {
             let mut health = Health::new(t.check.rise, t.check.fall, 0);
             let mut ticks = tokio::time::interval(t.check.interval);
@@ -498,8 +467,10 @@ pub async fn run(
                 } else if let Outcome::Failure(e) = outcome {
                     tracing::debug!(backend = %t.name, error = %e, "health check failed");
                 }
-                if let Some(slot) = board.backend(t.service, t.backend) {
-                    slot.publish(&health, outcome, transition);
+                if let Some(s) = stats.services().get(t.service)
+                    && let Some(b) = s.backends().get(t.backend)
+                {
+                    b.health.publish(&health, outcome, transition);
                 }
             }
         });
