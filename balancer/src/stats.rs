@@ -258,6 +258,8 @@ pub struct BackendStats {
     pub weight: AtomicU32,
     /// Health as the checker last published it (up when unchecked).
     pub health: BackendHealth,
+    /// The weight in the config, which `balancer undrain` restores.
+    configured_weight: u32,
     name: String,
     address: Option<Ipv4Addr>,
     port: u16,
@@ -342,6 +344,7 @@ impl Stats {
                         counters: Counters::default(),
                         weight: AtomicU32::new(u32::from(b.weight)),
                         health: BackendHealth::default(),
+                        configured_weight: u32::from(b.weight),
                         name: b.name.clone(),
                         address: b.address,
                         port: b.port,
@@ -470,6 +473,25 @@ impl Stats {
     pub fn record_table_full(&self, svc: usize) {
         self.services[svc].conn_table_full.fetch_add(1, Relaxed);
         self.record_drop(DropReason::TableFull);
+    }
+
+    /// `balancer drain` (`drain = true`: weight 0, no new flows, existing
+    /// ones finish) or `undrain` (the configured weight again) of the
+    /// backends named `backend`, in `service` or in every service. Returns
+    /// the `service/backend` names changed; empty if none matched.
+    pub fn drain(&self, service: Option<&str>, backend: &str, drain: bool) -> Vec<String> {
+        let mut changed = Vec::new();
+        for s in self.services.iter() {
+            if service.is_some_and(|n| n != s.name) {
+                continue;
+            }
+            for b in s.backends.iter().filter(|b| b.name == backend) {
+                let w = if drain { 0 } else { b.configured_weight };
+                b.weight.store(w, Relaxed);
+                changed.push(format!("{}/{}", s.name, b.name));
+            }
+        }
+        changed
     }
 
     /// The control-socket payload: every counter with the names and

@@ -72,6 +72,13 @@ pub fn rng_from_seed(seed: u64) -> SchedRng {
     SchedRng::seed_from_u64(seed)
 }
 
+/// A seed from the operating system's randomness (through std's
+/// `RandomState`), for drivers: pure code takes its seed as a parameter.
+pub fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+}
+
 /// A uniform draw in `[0, 1)` with 53 bits of precision.
 #[inline]
 pub fn unit_f64(rng: &mut SchedRng) -> f64 {
