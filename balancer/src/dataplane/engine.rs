@@ -609,7 +609,14 @@ impl Engine {
         let be = match decision {
             Decision::Backend { index, .. } => index,
             Decision::Refuse(Refusal::NoBackend) => {
+                // Dropped, not reset: no backend is often a moment (a
+                // cluster hand-over, a restart); the client's SYN
+                // retransmission may find one.
                 self.stats.record_no_backend(svc as usize);
+                return Admit::Dropped;
+            }
+            Decision::Refuse(Refusal::BackendsFull) => {
+                self.stats.record_conn_limit(svc as usize);
                 return Admit::Refused;
             }
             Decision::Refuse(Refusal::Shed) => {
@@ -646,7 +653,7 @@ impl Engine {
             }
             Err(ConntrackError::TableFull) => {
                 self.stats.record_table_full(svc as usize);
-                Admit::Refused
+                Admit::Dropped
             }
             Err(_) => {
                 self.drop(DropReason::NoConn);
@@ -904,8 +911,8 @@ enum Admit {
     Conn(crate::conntrack::ConnId),
     /// Not a valid opening: dropped and counted.
     Dropped,
-    /// Refused by the service's policy (or a full table): counted, and
-    /// answered with a TCP reset.
+    /// Refused by the service's limits or shedding: counted, and answered
+    /// with a TCP reset.
     Refused,
 }
 

@@ -13,7 +13,8 @@
 //! 4. the algorithm over the eligible backends (per-backend limits make a
 //!    backend ineligible);
 //! 5. the sorry server, if one is configured and available;
-//! 6. refuse: no backend.
+//! 6. refuse: every backend full (a limit: answered like shedding), or no
+//!    backend at all (down or drained).
 
 use std::net::Ipv4Addr;
 
@@ -30,7 +31,10 @@ pub enum Refusal {
     ServiceFull,
     /// Shedding refused it.
     Shed,
-    /// No backend is eligible and no sorry server is available.
+    /// Every backend that could take the flow is at its `max_conns`.
+    BackendsFull,
+    /// No backend is eligible (down, drained) and no sorry server is
+    /// available.
     NoBackend,
 }
 
@@ -168,6 +172,12 @@ impl ServicePolicy {
                 via: Via::Sorry,
                 evicted: false,
             },
+            None if backends
+                .iter()
+                .any(|b| b.available && b.weight > 0 && !b.standby && b.is_full()) =>
+            {
+                Decision::Refuse(Refusal::BackendsFull)
+            }
             None => Decision::Refuse(Refusal::NoBackend),
         }
     }
@@ -298,7 +308,7 @@ mod tests {
                     got.push(Some(index));
                 }
                 Decision::Refuse(r) => {
-                    assert_eq!(r, Refusal::NoBackend);
+                    assert_eq!(r, Refusal::BackendsFull);
                     got.push(None);
                 }
             }
