@@ -1,5 +1,6 @@
 //! The balancer node.
 
+pub mod cluster;
 pub mod config;
 pub mod conntrack;
 pub mod control;
@@ -13,6 +14,7 @@ pub mod sched;
 pub mod setup;
 pub mod shed;
 pub mod stats;
+pub mod sync;
 
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrorKind, Error, Result};

@@ -24,6 +24,7 @@ use rewrite::maglev::{BucketTable, Node, TableParams};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Cluster, Config};
+use crate::dataplane::syncio::SyncCommand;
 use crate::dataplane::view::{ClusterView, SharedView};
 
 /// Why cluster mode could not start.
@@ -49,6 +50,16 @@ pub struct Peers {
     exec_rx: Option<mpsc::UnboundedReceiver<Exec>>,
     vips: Vec<Ipv4Addr>,
     universe: Vec<u32>,
+    drain: watch::Receiver<bool>,
+    drain_tx: watch::Sender<bool>,
+    /// The dataplane says when this node holds the cluster's connections
+    /// (bulk pull done, or nobody to pull from).
+    ready: watch::Receiver<bool>,
+    sync_cmd: std::sync::mpsc::Sender<SyncCommand>,
+    dataplane_ends: Option<(std::sync::mpsc::Receiver<SyncCommand>, watch::Sender<bool>)>,
+    /// Membership interval: how long to listen for peers before deciding
+    /// whom to pull the table from.
+    interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for Peers {
@@ -61,11 +72,17 @@ impl std::fmt::Debug for Peers {
 
 /// Builds the view for a heartbeat status. Pure: the same status gives the
 /// same view on every node (the table depends on the member set only).
+///
+/// A member whose last heartbeat carries weight 0 is leaving (SIGTERM): it
+/// owns no bucket any more, though it is still live (it still holds its
+/// back gateway and reverse-NATs the replies of its flows until it stops).
+/// `me_owns` says this node itself may own buckets (ready, not leaving).
 pub fn view_of(
     status: &NodeStatus,
     cluster: &Cluster,
     params: &TableParams,
     universe: &[u32],
+    me_owns: bool,
     version: u64,
 ) -> Result<ClusterView, rewrite::maglev::TableError> {
     let me = status.node_id;
@@ -73,17 +90,9 @@ pub fn view_of(
         .instance(&cluster.front_instance)
         .is_some_and(|i| i.state == State::Master);
     let live = status.live.clone();
-    let nodes: Vec<Node> = universe
-        .iter()
-        .map(|&id| {
-            let weight = status
-                .members
-                .iter()
-                .find(|m| m.node_id == id)
-                .and_then(|m| m.last.as_ref())
-                .map_or(1, |h| h.weight.max(1));
-            Node::new(id, weight, live.contains(&id))
-        })
+    let nodes: Vec<Node> = owners(status, universe, me_owns)
+        .into_iter()
+        .map(|(id, weight, owns)| Node::new(id, weight, owns))
         .collect();
     let table = BucketTable::build(params, &nodes, version)?;
     Ok(ClusterView {
@@ -94,6 +103,31 @@ pub fn view_of(
         live,
         version,
     })
+}
+
+/// Per configured node: id, weight, and whether it may own buckets now.
+///
+/// A peer owns buckets while it is live, its weight is not 0 (leaving) and
+/// its epoch is not 0 (still pulling the connection table after a start).
+/// `me_owns` says the same of this node.
+fn owners(status: &NodeStatus, universe: &[u32], me_owns: bool) -> Vec<(u32, u16, bool)> {
+    universe
+        .iter()
+        .map(|&id| {
+            let last = status
+                .members
+                .iter()
+                .find(|m| m.node_id == id)
+                .and_then(|m| m.last.as_ref());
+            let weight = last.map_or(1, |h| h.weight.max(1));
+            let owns = if id == status.node_id {
+                me_owns
+            } else {
+                status.live.contains(&id) && last.is_some_and(|h| h.weight != 0 && h.epoch != 0)
+            };
+            (id, weight, owns)
+        })
+        .collect()
 }
 
 impl Peers {
@@ -124,7 +158,14 @@ impl Peers {
         let (handle, exec_rx) =
             heartbeat::driver::start(&hb).map_err(|e| PeersError::Start(e.to_string()))?;
         let status = handle.status.borrow().clone();
-        let first = view_of(&status, cluster, &params, &universe, 1)?;
+        let first = view_of(&status, cluster, &params, &universe, false, 1)?;
+        let (drain_tx, drain) = watch::channel(false);
+        let (ready_tx, ready) = watch::channel(false);
+        let (sync_cmd, cmd_rx) = std::sync::mpsc::channel();
+        let interval = hb
+            .membership
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(1), |m| m.interval);
         Ok(Peers {
             handle,
             shared: Arc::new(ArcSwap::from_pointee(first)),
@@ -134,7 +175,38 @@ impl Peers {
             exec_rx: Some(exec_rx),
             vips: config.vips(),
             universe,
+            drain,
+            drain_tx,
+            ready,
+            sync_cmd,
+            dataplane_ends: Some((cmd_rx, ready_tx)),
+            interval,
         })
+    }
+
+    /// The configured node ids.
+    pub fn universe(&self) -> &[u32] {
+        &self.universe
+    }
+
+    pub fn me(&self) -> u32 {
+        self.me
+    }
+
+    /// The dataplane's ends of the sync control channels (once).
+    pub fn take_dataplane_ends(
+        &mut self,
+    ) -> Option<(std::sync::mpsc::Receiver<SyncCommand>, watch::Sender<bool>)> {
+        self.dataplane_ends.take()
+    }
+
+    /// Leaves the cluster's ownership gracefully: announces weight 0 to the
+    /// peers at once (they take this node's buckets), then stops owning.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            commander: self.handle.commander.clone(),
+            tx: self.drain_tx.clone(),
+        }
     }
 
     /// Runs on the control-plane runtime until the heartbeat stops: performs
@@ -177,27 +249,99 @@ impl Peers {
             tokio::spawn(heartbeat::driver::exec::run(rx));
         }
         let mut status: watch::Receiver<Arc<NodeStatus>> = self.handle.status.clone();
+        // Joining: listen for peers a few intervals, then pull the table
+        // from one that owns buckets (or be ready at once if none does).
+        {
+            let status = status.clone();
+            let cmd = self.sync_cmd.clone();
+            let me = self.me;
+            let wait = self.interval * 4;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let st = status.borrow().clone();
+                let peer = st
+                    .members
+                    .iter()
+                    .filter(|m| m.node_id != me && st.live.contains(&m.node_id))
+                    .filter(|m| {
+                        m.last
+                            .as_ref()
+                            .is_some_and(|h| h.epoch != 0 && h.weight != 0)
+                    })
+                    .map(|m| m.node_id)
+                    .min();
+                let _ = cmd.send(match peer {
+                    Some(p) => SyncCommand::Pull(p),
+                    None => SyncCommand::Ready,
+                });
+            });
+        }
+        let commander = self.handle.commander.clone();
         let mut version = 1u64;
-        let mut last = (Vec::new(), false);
+        let mut last = None;
+        let mut announced = false;
         loop {
             let st = status.borrow_and_update().clone();
+            let ready = *self.ready.borrow_and_update();
+            if ready && !announced {
+                // Epoch 1: "I hold the connections, count me as an owner".
+                commander.send(heartbeat::driver::Command::SetEpoch(1));
+                announced = true;
+            }
+            let me_owns = ready && !*self.drain.borrow_and_update();
             let holder = st
                 .instance(&self.cluster.front_instance)
                 .is_some_and(|i| i.state == State::Master);
-            if (st.live.clone(), holder) != last {
+            let now = (
+                owners(&st, &self.universe, me_owns),
+                st.live.clone(),
+                holder,
+            );
+            if last.as_ref() != Some(&now) {
                 version += 1;
-                match view_of(&st, &self.cluster, &self.params, &self.universe, version) {
+                match view_of(
+                    &st,
+                    &self.cluster,
+                    &self.params,
+                    &self.universe,
+                    me_owns,
+                    version,
+                ) {
                     Ok(v) => {
-                        tracing::info!(live = ?v.live, mac_holder = holder, "cluster view changed");
+                        tracing::info!(live = ?v.live, owners = ?now.0, mac_holder = holder, "cluster view changed");
                         self.shared.store(Arc::new(v));
-                        last = (st.live.clone(), holder);
+                        last = Some(now);
                     }
                     Err(e) => tracing::error!(error = %e, "cannot build the bucket table"),
                 }
             }
-            if st.stopped || status.changed().await.is_err() {
+            if st.stopped {
                 break;
             }
+            tokio::select! {
+                r = status.changed() => if r.is_err() { break },
+                r = self.drain.changed() => if r.is_err() { break },
+                r = self.ready.changed() => if r.is_err() { break },
+            }
         }
+    }
+}
+
+/// Starts a graceful leave (see [`Peers::drainer`]).
+#[derive(Debug, Clone)]
+pub struct Drainer {
+    commander: heartbeat::driver::Commander,
+    tx: watch::Sender<bool>,
+}
+
+impl Drainer {
+    /// Announces weight 0 now; after `hold` stops owning buckets. Peers take
+    /// the buckets when the announcement arrives (a LAN round trip), so a
+    /// short hold keeps them from being unowned meanwhile.
+    pub async fn leave(&self, hold: std::time::Duration) {
+        self.commander
+            .send(heartbeat::driver::Command::SetWeight(0));
+        tokio::time::sleep(hold).await;
+        let _ = self.tx.send(true);
     }
 }

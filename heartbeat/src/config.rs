@@ -164,9 +164,15 @@ struct RawMembership {
     interval: Spanned<String>,
     key: Option<Spanned<String>>,
     key_file: Option<Spanned<PathBuf>>,
-    #[serde(default)]
+    /// This node's share of flows relative to the others (bucket table);
+    /// 0 announces that the node is leaving.
+    #[serde(default = "default_member_weight")]
     weight: u16,
     max_age: Option<Spanned<String>>,
+}
+
+fn default_member_weight() -> u16 {
+    1
 }
 
 fn default_port() -> u16 {

@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod cluster;
+pub mod drill;
 pub mod single;
 pub mod topo;

@@ -339,6 +339,14 @@ impl Testbed {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let sw = Host::create(format!("{prefix}-sw"), "sw")?;
+        // A switch forwards frames as they are. With br_netfilter loaded
+        // (container hosts load it), bridged IPv4 and IPv6 pass netfilter's
+        // header validation, which silently drops a bad checksum or length
+        // before it reaches the far end. The sysctls are per namespace and
+        // exist only while the module is loaded, hence no error check.
+        for table in ["iptables", "ip6tables", "arptables"] {
+            let _ = sw.sysctl(&format!("net.bridge.bridge-nf-call-{table}"), "0");
+        }
         Ok(Testbed {
             prefix,
             sw,

@@ -75,7 +75,11 @@ fn two_nodes_share_flows_by_bucket_and_none_is_served_twice() -> Result<()> {
 
 /// Short requests at a steady rate while `fault` strikes at 1 s; returns
 /// per-request (start offset ms, ok).
-fn load_around(c: &ClusterBed, secs: u64, fault: impl FnOnce() -> Result<()>) -> Result<Vec<(u64, bool)>> {
+fn load_around(
+    c: &ClusterBed,
+    secs: u64,
+    fault: impl FnOnce() -> Result<()>,
+) -> Result<Vec<(u64, bool)>> {
     let h = c.client.spawn_in_ns(move || {
         let t0 = std::time::Instant::now();
         let mut v = Vec::new();
@@ -89,7 +93,8 @@ fn load_around(c: &ClusterBed, secs: u64, fault: impl FnOnce() -> Result<()>) ->
     });
     std::thread::sleep(Duration::from_secs(1));
     fault()?;
-    h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?
+    h.join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))?
 }
 
 /// The longest run of failed requests, in ms from the first failure's start
@@ -113,7 +118,13 @@ fn gap_ms(v: &[(u64, bool)]) -> u64 {
     worst
 }
 
-fn two_nodes(tag: &str) -> Result<(ClusterBed, Vec<netns_tests::topo::Proc>, Vec<netns_tests::topo::Proc>)> {
+fn two_nodes(
+    tag: &str,
+) -> Result<(
+    ClusterBed,
+    Vec<netns_tests::topo::Proc>,
+    Vec<netns_tests::topo::Proc>,
+)> {
     let c = ClusterBed::new(tag, 2, 2, "100ms")?;
     let srv = c.start_servers(8080)?;
     let mut nodes = Vec::new();
@@ -132,13 +143,22 @@ fn sigkill_of_the_mac_holder_moves_its_buckets_to_the_survivor() -> Result<()> {
     let (c, _srv, nodes) = two_nodes("cl-kill")?;
     let pid = nodes[0].pid().unwrap_or(0);
     let v = load_around(&c, 4, || {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
         Ok(())
     })?;
     let gap = gap_ms(&v);
     let failed = v.iter().filter(|(_, ok)| !ok).count();
-    println!("FIGURE cluster SIGKILL of MAC holder, 100ms adverts: gap {gap} ms, {failed} of {} failed", v.len());
-    ensure!(v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok), "requests still failing 1.5 s after the kill");
+    println!(
+        "FIGURE cluster SIGKILL of MAC holder, 100ms adverts: gap {gap} ms, {failed} of {} failed",
+        v.len()
+    );
+    ensure!(
+        v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok),
+        "requests still failing 1.5 s after the kill"
+    );
     ensure!(gap < 1500, "failover gap {gap} ms");
     let st = c.status(2)?;
     ensure!(conns_total(&st) > 0, "lb2 served nothing");
@@ -152,12 +172,84 @@ fn sigterm_of_a_node_hands_over() -> Result<()> {
     let (c, _srv, nodes) = two_nodes("cl-term")?;
     let pid = nodes[1].pid().unwrap_or(0);
     let v = load_around(&c, 4, || {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         Ok(())
     })?;
     let gap = gap_ms(&v);
     let failed = v.iter().filter(|(_, ok)| !ok).count();
-    println!("FIGURE cluster SIGTERM of non-holder: gap {gap} ms, {failed} of {} failed", v.len());
-    ensure!(v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok), "requests still failing 1.5 s after the stop");
+    println!(
+        "FIGURE cluster SIGTERM of non-holder: gap {gap} ms, {failed} of {} failed",
+        v.len()
+    );
+    ensure!(
+        v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok),
+        "requests still failing 1.5 s after the stop"
+    );
+    Ok(())
+}
+
+/// Connection sync: long-lived NAT connections owned by a node survive its
+/// SIGKILL — the survivor takes its buckets and its back gateway and
+/// continues each connection to the same real server.
+#[test]
+fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
+    let (c, _srv, nodes) = two_nodes("cl-sync")?;
+    // Open connections until some are served by each node's sub-cluster.
+    let conns = c
+        .client
+        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
+            let mut v = Vec::new();
+            for _ in 0..12 {
+                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
+                let server = h.get(100, false)?.server;
+                v.push((h, server));
+            }
+            Ok(v)
+        })??;
+    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
+    ensure!(
+        on_rs1 > 0 && on_rs1 < conns.len(),
+        "connections all on one node: {on_rs1} of {}",
+        conns.len()
+    );
+    // Give the sync datagrams a moment (they leave within a poll round).
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = nodes[0].pid().unwrap_or(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let broken = c.client.in_ns(move || {
+        let mut conns = conns;
+        let mut broken = Vec::new();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(4) {
+            for (i, (h, server)) in conns.iter_mut().enumerate() {
+                if broken.contains(&i) {
+                    continue;
+                }
+                match h.get(2000, false) {
+                    Ok(r) if r.server == *server && r.body_ok => {}
+                    other => {
+                        eprintln!("connection {i} to {server}: {other:?}");
+                        broken.push(i);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        broken
+    })?;
+    println!(
+        "FIGURE cluster SIGKILL: {} of 12 long-lived NAT connections broken ({on_rs1} were on the killed node)",
+        broken.len()
+    );
+    ensure!(
+        broken.is_empty(),
+        "long-lived connections broken: {broken:?}"
+    );
     Ok(())
 }

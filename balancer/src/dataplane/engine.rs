@@ -45,6 +45,7 @@ use crate::conntrack::{
 };
 use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
+use crate::dataplane::syncio::SyncIo;
 use crate::dataplane::view::{ClusterView, SharedView};
 use crate::health::OnDown;
 use crate::persist::PersistTable;
@@ -130,6 +131,8 @@ pub struct Engine {
     /// Draws of p2c and exponential shedding (seeded by the driver).
     rng: SchedRng,
     next_persist_publish_ms: u64,
+    /// Cluster mode: connection sync with the peers.
+    sync: Option<SyncIo>,
 }
 
 /// Persistence entries per service with persistence (the table is shared).
@@ -282,6 +285,7 @@ impl Engine {
             persist: PersistTable::new(persist_slots, hasher),
             rng: rng_from_seed(0),
             next_persist_publish_ms: 0,
+            sync: None,
         })
     }
 
@@ -317,6 +321,19 @@ impl Engine {
         self
     }
 
+    /// Cluster mode: send new and changed connections to the peers and
+    /// apply theirs.
+    pub fn with_sync(mut self, sync: SyncIo) -> Engine {
+        self.sync = Some(sync);
+        self
+    }
+
+    fn synced(&mut self, id: crate::conntrack::ConnId, now_ms: u64) {
+        if let (Some(s), Some(e)) = (&mut self.sync, self.conns.get(id)) {
+            s.conn_changed(e, now_ms);
+        }
+    }
+
     /// Picks up a newly published cluster view (cheap when nothing changed:
     /// one atomic load). Call once per poll round.
     pub fn refresh(&mut self) {
@@ -341,6 +358,18 @@ impl Engine {
 
     pub fn connections(&self) -> &ConnTable {
         &self.conns
+    }
+
+    /// Cluster mode: whether this node processes the flow (counts
+    /// `not_our_bucket` when not). Always true on a single node.
+    fn owns(&self, key: &FlowKey) -> bool {
+        match &self.view {
+            Some(v) if !v.owns(self.hasher.hash(key)) => {
+                self.drop(DropReason::NotOurBucket);
+                false
+            }
+            _ => true,
+        }
     }
 
     fn is_vip(&self, ip: Ipv4Addr) -> bool {
@@ -433,9 +462,15 @@ impl Engine {
                     L4::Tcp { .. } | L4::Udp { .. } => {
                         self.client_packet(frame, &p, meta, now_ms, out)
                     }
-                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
+                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, now_ms, out),
                     L4::IcmpOther { .. } => {
-                        // Echo and friends: the node's own stack answers for the VIP.
+                        // Echo and friends: the node's own stack answers for
+                        // the VIP (in a cluster, the node owning the "flow").
+                        if let Some(key) = p.flow_key()
+                            && !self.owns(&key)
+                        {
+                            return;
+                        }
                         if let Some(ip) = ip_packet(frame, &p) {
                             self.send_local(out, ip);
                         }
@@ -450,10 +485,13 @@ impl Engine {
         if a.op != ArpOp::Request || !self.is_vip(a.target_ip) {
             return;
         }
+        let answer = match &self.view {
+            None => self.ifs.answer_mac,
+            Some(v) if v.mac_holder => v.answer_mac,
+            Some(_) => return, // another node is the MAC holder
+        };
         let mut buf = [0u8; 64];
-        if let Ok(n) =
-            rewrite::arp::write_reply(&mut buf, a, self.ifs.answer_mac, self.ifs.front_mac)
-        {
+        if let Ok(n) = rewrite::arp::write_reply(&mut buf, a, answer, self.ifs.front_mac) {
             self.send_front(out, &buf[..n]);
             self.stats
                 .arp_replies
@@ -474,10 +512,7 @@ impl Engine {
             self.drop(DropReason::NoService);
             return;
         };
-        if let Some(v) = &self.view
-            && !v.owns(self.hasher.hash(&key))
-        {
-            self.drop(DropReason::NotOurBucket);
+        if !self.owns(&key) {
             return;
         }
         let flags = match p.kind {
@@ -496,6 +531,9 @@ impl Engine {
                     && let Some(e) = self.conns.get(id)
                 {
                     self.settle(e.service, e.backend, t.activated(), t.deactivated());
+                    if t.changed() {
+                        self.synced(id, now_ms);
+                    }
                 }
                 id
             }
@@ -504,6 +542,9 @@ impl Engine {
                     self.stats
                         .conn_gone(e.service as usize, e.backend as usize, gauge(&e));
                     self.unview(&e);
+                    if let Some(s) = &mut self.sync {
+                        s.conn_removed(&e, now_ms);
+                    }
                 }
                 match self.new_conn(svc, key, flags, p, now_ms) {
                     Admit::Conn(id) => id,
@@ -649,9 +690,11 @@ impl Engine {
                     self.stats.conn_new(svc as usize, be, g);
                     count(&mut self.services[svc as usize].views[be], g, 1);
                 }
+                self.synced(id, now_ms);
                 Admit::Conn(id)
             }
             Err(ConntrackError::TableFull) => {
+                // Also counts the `table_full` drop.
                 self.stats.record_table_full(svc as usize);
                 Admit::Dropped
             }
@@ -732,10 +775,13 @@ impl Engine {
         &mut self,
         frame: &mut [u8],
         p: &Parsed,
-        _meta: RxMeta,
+        now_ms: u64,
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
+        if !self.owns(&key) {
+            return;
+        }
         let Some(id) = self.conns.lookup(&key) else {
             self.drop(DropReason::NoConn);
             return;
@@ -755,9 +801,9 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out);
+                self.to_backend(frame, p, e.backend_addr, now_ms, out);
             }
-            Method::Dr => self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out),
+            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
         }
     }
 
@@ -794,6 +840,9 @@ impl Engine {
                         {
                             let (s, b) = (e.service, e.backend);
                             self.settle(s, b, t.activated(), t.deactivated());
+                            if t.changed() {
+                                self.synced(id, now_ms);
+                            }
                         }
                     }
                     L4::Udp { .. } => {
@@ -842,6 +891,19 @@ impl Engine {
 
     /// Periodic work: connection expiry, ARP for backends, gratuitous ARP
     /// for the VIPs at start. Call every few tens of milliseconds.
+    /// Cluster mode: sends due sync batches and applies the peers'. Call
+    /// every poll round (sync latency is what a takeover can lose).
+    pub fn poll_sync(&mut self, now_ms: u64) {
+        if let Some(s) = &mut self.sync {
+            s.poll(&mut self.conns, now_ms);
+        }
+    }
+
+    /// The sync socket, to wake the dataplane when a peer sends.
+    pub fn sync_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.sync.as_ref().map(SyncIo::fd)
+    }
+
     pub fn housekeeping(&mut self, now_ms: u64, out: &mut dyn Output) {
         let stats = &self.stats;
         let services = &mut self.services;

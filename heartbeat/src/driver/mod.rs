@@ -112,6 +112,10 @@ pub enum Command {
     SetLoad(u16),
     /// Bucket-table epoch reported in membership heartbeats.
     SetEpoch(u64),
+    /// Weight reported in membership heartbeats; sent at once. Weight 0
+    /// says "leaving": peers stop counting this node as an owner of flows
+    /// without waiting for the dead interval.
+    SetWeight(u16),
 }
 
 /// Sends commands to the protocol thread and wakes it.
@@ -218,6 +222,15 @@ struct Proto {
 
 const LINK_CHECK: Duration = Duration::from_millis(50);
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+/// The members' announced weights (a change of weight, e.g. to 0 when a
+/// node leaves, changes who owns flows and is published at once).
+fn weights(table: &Membership) -> Vec<(u32, Option<(u16, u64)>)> {
+    table
+        .members()
+        .map(|m| (m.node_id, m.last.as_ref().map(|h| (h.weight, h.epoch))))
+        .collect()
+}
 
 /// Starts a node: opens every socket (errors here are configuration or
 /// permission problems), then runs the protocol thread. The caller must
@@ -430,6 +443,9 @@ impl Proto {
                 self.drain_vrrp(fi, &mut buf, now);
             }
             self.drain_member(&mut buf, now);
+            if self.dirty && self.next_publish == Duration::ZERO {
+                self.publish(false);
+            }
             while let Ok(c) = self.cmd.try_recv() {
                 match c {
                     Command::Shutdown => {
@@ -450,6 +466,13 @@ impl Proto {
                     Command::SetEpoch(e) => {
                         if let Some(m) = &mut self.member {
                             m.epoch = e;
+                            m.next_send = Duration::ZERO;
+                        }
+                    }
+                    Command::SetWeight(w) => {
+                        if let Some(m) = &mut self.member {
+                            m.weight = w;
+                            m.next_send = Duration::ZERO;
                         }
                     }
                 }
@@ -550,9 +573,18 @@ impl Proto {
         for _ in 0..256 {
             match sock::recv_from(&m.sock, buf) {
                 Ok(Some((n, _))) => {
+                    let before = weights(&m.table);
                     match m.table.receive(&buf[..n], &m.key, now, unix_micros()) {
-                        Ok(Some(ev)) => tracing::info!(?ev, "membership"),
-                        Ok(None) => {}
+                        Ok(Some(ev)) => {
+                            tracing::info!(?ev, "membership");
+                            // Who owns flows depends on it: publish now.
+                            self.next_publish = Duration::ZERO;
+                        }
+                        Ok(None) => {
+                            if weights(&m.table) != before {
+                                self.next_publish = Duration::ZERO;
+                            }
+                        }
                         Err(r) => tracing::debug!(reason = r.name(), "heartbeat refused"),
                     }
                     self.dirty = true;
@@ -572,6 +604,7 @@ impl Proto {
         for ev in m.table.expire(now) {
             tracing::info!(?ev, "membership");
             self.dirty = true;
+            self.next_publish = Duration::ZERO;
         }
         if now < m.next_send {
             return;
