@@ -228,7 +228,8 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         answer_mac: front_mac,
     };
     let stats = Arc::new(Stats::new(config));
-    let mut engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let mut engine =
+        Engine::new(config, ifs, back_local, stats.clone())?.with_seed(crate::sched::random_seed());
     let peers = match &config.cluster {
         Some(c) => {
             let mut p = crate::peers::Peers::start(config, c)?;
@@ -292,6 +293,16 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let served = rt.block_on(async {
         if let Some(p) = peers {
             tokio::spawn(p.run());
+        }
+        // Health checks run on this (control-plane) runtime and publish to
+        // `stats`; the dataplane reads them on its housekeeping tick.
+        let targets = crate::health::targets(config);
+        if !targets.is_empty() {
+            tokio::spawn(crate::health::run(
+                targets,
+                stats.clone(),
+                std::future::pending::<()>(),
+            ));
         }
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {
