@@ -113,16 +113,29 @@ const BATCH: usize = 256;
 
 /// The dataplane thread: poll both RX rings, hand frames to the engine,
 /// flush TX once per round, run housekeeping on its interval.
-fn dataplane_loop(
-    mut engine: Engine,
-    mut front_rx: RxRing,
-    mut back_rx: RxRing,
-    mut front_tx: TxRing,
-    mut back_tx: TxRing,
+/// What the dataplane thread owns.
+struct Dataplane {
+    engine: Engine,
+    front_rx: RxRing,
+    back_rx: RxRing,
+    front_tx: TxRing,
+    back_tx: TxRing,
     tun: Option<Tun>,
     housekeeping: Duration,
-    stop: Arc<AtomicBool>,
-) {
+    stats: Arc<Stats>,
+}
+
+fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
+    let Dataplane {
+        mut engine,
+        mut front_rx,
+        mut back_rx,
+        mut front_tx,
+        mut back_tx,
+        tun,
+        housekeeping,
+        stats,
+    } = dp;
     let t0 = Instant::now();
     let hk_ms = housekeeping.as_millis().max(1) as u64;
     let mut next_hk = 0u64;
@@ -146,6 +159,12 @@ fn dataplane_loop(
         };
         if now_ms >= next_hk {
             engine.housekeeping(now_ms, &mut sinks);
+            let lost = front_rx.take_drops() + back_rx.take_drops();
+            if lost > 0 {
+                stats
+                    .drop_counter(crate::stats::DropReason::RxRingFull)
+                    .fetch_add(lost, Ordering::Relaxed);
+            }
             next_hk = now_ms + hk_ms;
         }
         let mut n =
@@ -274,12 +293,21 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let stop = Arc::new(AtomicBool::new(false));
     let hk = config.conntrack.expire_interval;
     let dp_stop = stop.clone();
+    let dp_stats = stats.clone();
     let dp = std::thread::Builder::new()
         .name("dataplane".into())
         .spawn(move || {
-            dataplane_loop(
-                engine, front_rx, back_rx, front_tx, back_tx, tun, hk, dp_stop,
-            )
+            let dp = Dataplane {
+                engine,
+                front_rx,
+                back_rx,
+                front_tx,
+                back_tx,
+                tun,
+                housekeeping: hk,
+                stats: dp_stats,
+            };
+            dataplane_loop(dp, dp_stop)
         })
         .map_err(io_err("spawning the dataplane thread"))?;
     tracing::info!(node = %node.name, front = %node.front, back = %node.back, services = config.services.len(), "dataplane running");

@@ -65,11 +65,14 @@ pub enum DropReason {
     Shed,
     /// A new flow refused at the service's connection limit (TCP: RST).
     ConnLimit,
+    /// The kernel found the receive ring full (the dataplane fell behind);
+    /// read from PACKET_STATISTICS.
+    RxRingFull,
 }
 
 impl DropReason {
     /// Every reason, in display order; `ALL[r.index()] == r`.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Runt,
         DropReason::Truncated,
         DropReason::NotIpv4,
@@ -91,6 +94,7 @@ impl DropReason {
         DropReason::BadTcpFlags,
         DropReason::Shed,
         DropReason::ConnLimit,
+        DropReason::RxRingFull,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -117,6 +121,7 @@ impl DropReason {
             DropReason::BadTcpFlags => "bad_tcp_flags",
             DropReason::Shed => "shed",
             DropReason::ConnLimit => "conn_limit",
+            DropReason::RxRingFull => "rx_ring_full",
         }
     }
 

@@ -313,6 +313,29 @@ impl RxRing {
     }
 }
 
+impl RxRing {
+    /// Frames the kernel dropped because the ring was full, since the last
+    /// call (PACKET_STATISTICS resets on read).
+    pub fn take_drops(&self) -> u64 {
+        let mut st = libc::tpacket_stats {
+            tp_packets: 0,
+            tp_drops: 0,
+        };
+        let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: st and len are valid for getsockopt(PACKET_STATISTICS).
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 { 0 } else { u64::from(st.tp_drops) }
+    }
+}
+
 impl FrameRx for RxRing {
     fn recv_batch(&mut self, budget: usize, f: &mut dyn FnMut(&mut [u8], RxMeta)) -> usize {
         let mut n = 0;
