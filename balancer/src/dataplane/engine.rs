@@ -591,7 +591,7 @@ impl Engine {
             Kind::Ipv4 {
                 l4: L4::Tcp { flags, .. },
                 ..
-            } => TcpFlags(flags.0),
+            } => flags,
             _ => TcpFlags::NONE,
         };
         let id = match self.conns.lookup_client(&key, flags) {
@@ -937,9 +937,7 @@ impl Engine {
                 };
                 match l4 {
                     L4::Tcp { flags, .. } => {
-                        if let Some(t) =
-                            self.conns
-                                .update(id, Dir::FromBackend, TcpFlags(flags.0), now_ms)
+                        if let Some(t) = self.conns.update(id, Dir::FromBackend, flags, now_ms)
                             && let Some(e) = self.conns.get(id)
                         {
                             let (s, b) = (e.service, e.backend);
