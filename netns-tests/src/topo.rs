@@ -511,6 +511,18 @@ impl Testbed {
         self.sw.run(&["ip", "link", "set", &port, "up"]).map(|_| ())
     }
 
+    /// Isolates a host's bridge port (or lifts it): isolated ports do not
+    /// talk to each other but still talk to every other port. Isolating the
+    /// nodes' ports partitions the nodes from each other while clients and
+    /// servers still reach all of them.
+    pub fn isolate(&self, host: &Host, ifname: &str, on: bool) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        let state = if on { "on" } else { "off" };
+        self.sw
+            .run(&["bridge", "link", "set", "dev", &port, "isolated", state])
+            .map(|_| ())
+    }
+
     /// The bridge port (in the switch namespace) of a host's interface.
     pub fn port(&self, host: &Host, ifname: &str) -> Result<String> {
         self.port_of(host, ifname)
