@@ -6,6 +6,9 @@
 //! Run: `cargo build --workspace && cargo test -p netns-tests --test heartbeat_more -- --test-threads=2`
 //! The 5-minute CPU-load run is ignored by default:
 //! `cargo test -p netns-tests --test heartbeat_more -- --ignored --nocapture no_false_failover_5min`
+//! The CPU-load runs use the default `node.realtime = true` (SCHED_FIFO for
+//! the protocol thread when allowed); `HB_LOAD_REALTIME=0` runs them with
+//! the protocol thread at normal priority.
 //! Every test builds its own testbed (`topo::Testbed`), removed on drop.
 //! Timing bounds are generous (shared, noisy machine); figures are printed
 //! (`--nocapture`).
