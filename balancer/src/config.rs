@@ -85,6 +85,12 @@ pub struct Cluster {
     pub sync_group: Ipv4Addr,
     /// Shared HMAC-SHA256 key of connection sync.
     pub sync_key: String,
+    /// The back gateway address of each node's sub-cluster (its real
+    /// servers' default route): a node sends new flows to a sub-cluster
+    /// only while its heartbeat holds that gateway, so that the replies come
+    /// back to it. Nodes without an entry: their own sub-cluster, and a dead
+    /// node's.
+    pub gateways: Vec<(u32, Ipv4Addr)>,
 }
 
 /// `[node]`.
@@ -312,6 +318,8 @@ struct RawCluster {
     sync_port: Option<Spanned<i64>>,
     sync_group: Option<Spanned<String>>,
     sync_key: Spanned<String>,
+    #[serde(default)]
+    gateways: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -800,6 +808,27 @@ impl RawConfig {
                 "the sync key must be at least 16 bytes",
             ));
         }
+        let mut gateways = Vec::new();
+        for (id, addr) in &raw.gateways {
+            let key = format!("cluster.gateways.{id}");
+            let node: u32 = id.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ctx.err(
+                    &addr.span(),
+                    key.clone(),
+                    Kind::BadValue,
+                    format!("`{id}` is not a node id"),
+                )
+            })?;
+            let ip: Ipv4Addr = addr.get_ref().parse().map_err(|_| {
+                ctx.err(
+                    &addr.span(),
+                    key.clone(),
+                    Kind::BadValue,
+                    format!("`{}` is not an IPv4 address", addr.get_ref()),
+                )
+            })?;
+            gateways.push((node, ip));
+        }
         let front_instance = raw
             .front_instance
             .as_ref()
@@ -813,6 +842,7 @@ impl RawConfig {
             sync_port,
             sync_group,
             sync_key: key.clone(),
+            gateways,
         }))
     }
 
