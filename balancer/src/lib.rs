@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod error;
+pub mod feedback;
 pub mod node;
 pub mod peers;
 pub mod sched;
