@@ -40,6 +40,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Request {
     /// Every counter: answered by a [`StatusSnapshot`].
     Status,
+    /// The feedback master's agents, refusals and autoscale decisions:
+    /// answered by [`Response::Feedback`].
+    Feedback,
 }
 
 /// A response line: the command's payload, or `{"error":"..."}`.
@@ -53,12 +56,19 @@ pub enum Response {
         error: String,
     },
     Status(Box<StatusSnapshot>),
+    Feedback(Box<crate::feedback::master::FeedbackSnapshot>),
 }
 
 /// What the server needs to answer requests.
 fn handle(request: Request, stats: &Stats) -> Response {
     match request {
         Request::Status => Response::Status(Box::new(stats.snapshot())),
+        Request::Feedback => match crate::feedback::master::snapshot() {
+            Some(f) => Response::Feedback(Box::new(f)),
+            None => Response::Error {
+                error: "no [feedback] in this node's config".into(),
+            },
+        },
     }
 }
 
@@ -260,6 +270,23 @@ pub fn status(path: impl AsRef<Path>, timeout: Duration) -> Result<StatusSnapsho
     match request(path, &Request::Status, timeout)? {
         Response::Status(snapshot) => Ok(*snapshot),
         Response::Error { error } => Err(Error::ControlRefused { message: error }),
+        Response::Feedback(_) => Err(Error::ControlProtocol {
+            message: "a feedback answer to a status request".into(),
+        }),
+    }
+}
+
+/// `{"cmd":"feedback"}`: the feedback master's agents and decisions.
+pub fn feedback(
+    path: impl AsRef<Path>,
+    timeout: Duration,
+) -> Result<crate::feedback::master::FeedbackSnapshot> {
+    match request(path, &Request::Feedback, timeout)? {
+        Response::Feedback(f) => Ok(*f),
+        Response::Error { error } => Err(Error::ControlRefused { message: error }),
+        Response::Status(_) => Err(Error::ControlProtocol {
+            message: "a status answer to a feedback request".into(),
+        }),
     }
 }
 

@@ -263,6 +263,12 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         if let Some(p) = peers {
             tokio::spawn(p.run());
         }
+        // The feedback master publishes agents' weights to `stats`.
+        if let Some(m) =
+            crate::feedback::master::Master::new(Arc::new(config.clone()), stats.clone())
+        {
+            tokio::spawn(crate::feedback::master::run(m));
+        }
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {
             let mut term =

@@ -11,6 +11,7 @@
 
 pub mod autoscale;
 pub mod levels;
+pub mod master;
 pub mod necp;
 pub mod session;
 pub mod smooth;
