@@ -2313,4 +2313,252 @@ mod tests {
             Kind::BadValue,
         );
     }
+
+    // --- [feedback], [service.pool], [service.autoscale] ---
+
+    /// Lines 1-5 node, 6-7 feedback, then `extra_fb` (from line 8), then a
+    /// service whose first line follows.
+    fn feedback_config(extra_fb: &str, service_extra: &str) -> String {
+        format!(
+            "{}[feedback]\nkey = \"0123456789abcdef\"\n{extra_fb}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n{service_extra}[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"dr\"\n",
+            node!()
+        )
+    }
+
+    #[test]
+    fn feedback_pool_and_autoscale_get_their_defaults_and_slots() {
+        let c = Config::parse(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.20/30\"\nforward = \"dr\"\n[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\n",
+            ),
+            "test.toml",
+        )
+        .expect("valid");
+        let f = c.feedback.expect("feedback");
+        assert_eq!(f.listen, "0.0.0.0:3262".parse().expect("addr"));
+        assert_eq!(f.keepalive_interval, Duration::from_secs(1));
+        assert_eq!(f.keepalive_timeout, Duration::from_secs(1));
+        assert_eq!((f.max_missed, f.alpha, f.max_agents), (3, 0.5, 64));
+        assert_eq!(
+            f.allow,
+            vec!["198.19.0.0/24".parse::<Ipv4Net>().expect("net")]
+        );
+        let s = &c.services[0];
+        let pool = s.pool.as_ref().expect("pool");
+        // .21 is a configured backend: only .22 is a slot.
+        assert_eq!(pool.first_slot, 1);
+        assert_eq!(s.backends.len(), 2);
+        assert_eq!(s.backends[1].name, "pool-198.19.0.22");
+        assert_eq!(s.backends[1].weight, 0);
+        let a = s.autoscale.as_ref().expect("autoscale");
+        assert_eq!((a.rules.min_servers, a.rules.max_servers), (1, 8));
+        assert_eq!(a.rules.cooldown, Duration::ZERO);
+    }
+
+    #[test]
+    fn service_with_only_a_pool_is_accepted() {
+        let text = format!(
+            "{}[feedback]\nkey = \"0123456789abcdef\"\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\n",
+            node!()
+        );
+        let c = Config::parse(&text, "test.toml").expect("valid");
+        assert_eq!(c.services[0].backends.len(), 6);
+    }
+
+    #[test]
+    fn rejects_short_feedback_key() {
+        refused(
+            &feedback_config("", "").replace("0123456789abcdef", "short"),
+            7,
+            7,
+            "feedback.key",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_alpha_above_one() {
+        refused(
+            &feedback_config("alpha = 1.5\n", ""),
+            8,
+            9,
+            "feedback.alpha",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_keepalive_interval() {
+        refused(
+            &feedback_config("keepalive_interval = \"0s\"\n", ""),
+            8,
+            22,
+            "feedback.keepalive_interval",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_max_missed() {
+        refused(
+            &feedback_config("max_missed = 0\n", ""),
+            8,
+            14,
+            "feedback.max_missed",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_allow_entry_that_is_not_a_network() {
+        refused(
+            &feedback_config("allow = [\"198.19.0.0/24\", \"everyone\"]\n", ""),
+            8,
+            27,
+            "feedback.allow[1]",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_bad_listen_address() {
+        refused(
+            &feedback_config("listen = \"198.19.0.1\"\n", ""),
+            8,
+            10,
+            "feedback.listen",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_pool_outside_the_back_subnet() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"10.0.0.0/28\"\nforward = \"dr\"\n",
+            ),
+            13,
+            11,
+            "service[0].pool.network",
+            Kind::BackendOffLink,
+        );
+    }
+
+    #[test]
+    fn rejects_pool_larger_than_a_slash_24() {
+        let text = "[node]\nname = \"lb1\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"198.19.0.1/16\"\n[feedback]\nkey = \"0123456789abcdef\"\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.pool]\nnetwork = \"198.19.0.0/23\"\nforward = \"dr\"\n";
+        refused(text, 13, 11, "service[0].pool.network", Kind::OutOfRange);
+    }
+
+    #[test]
+    fn rejects_local_pool() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"local\"\n",
+            ),
+            14,
+            11,
+            "service[0].pool.forward",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_dr_pool_with_another_port() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\nport = 8080\n",
+            ),
+            15,
+            8,
+            "service[0].pool.port",
+            Kind::PortMismatch,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_pool_max_servers() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\nmax_servers = 0\n",
+            ),
+            15,
+            15,
+            "service[0].pool.max_servers",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_pool_without_feedback() {
+        let text = format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\n",
+            node!()
+        );
+        refused(&text, 10, 1, "service[0].pool", Kind::NeedsFeedback);
+    }
+
+    #[test]
+    fn rejects_autoscale_without_feedback() {
+        let text = format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\n[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"dr\"\n",
+            node!()
+        );
+        refused(&text, 10, 1, "service[0].autoscale", Kind::NeedsFeedback);
+    }
+
+    fn autoscale(extra: &str) -> String {
+        feedback_config(
+            "",
+            &format!(
+                "[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\n{extra}"
+            ),
+        )
+    }
+
+    #[test]
+    fn rejects_min_servers_above_max_servers() {
+        refused(
+            &autoscale("min_servers = 5\nmax_servers = 2\n"),
+            17,
+            15,
+            "service[0].autoscale.min_servers",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_empty_scale_command() {
+        let text = feedback_config(
+            "",
+            "[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = []\nscale_down = [\"down\"]\n",
+        );
+        refused(
+            &text,
+            15,
+            12,
+            "service[0].autoscale.scale_up",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_start_period() {
+        let text = feedback_config(
+            "",
+            "[service.autoscale]\nstart_period = \"0s\"\nshutdown_period = \"1m\"\nscale_up = [\"u\"]\nscale_down = [\"down\"]\n",
+        );
+        refused(
+            &text,
+            13,
+            16,
+            "service[0].autoscale.start_period",
+            Kind::OutOfRange,
+        );
+    }
 }

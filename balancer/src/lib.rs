@@ -1,5 +1,6 @@
 //! The balancer node.
 
+pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod conntrack;

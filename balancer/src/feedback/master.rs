@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::autoscale::{Autoscaler, Decision, ServerView};
 use super::levels::Level;
-use super::necp::{self, Body, Gate, HEADER_LEN, Offer, Refusal, StartResult};
+use super::necp::{self, Body, Gate, Offer, Refusal, StartResult};
 use super::session::{
     CloseReason, KeepaliveParams, MasterAction, MasterEvent, MasterSession, MasterState,
 };
@@ -149,7 +149,7 @@ impl Master {
     fn refuse(&self, r: Refusal, peer: Ipv4Addr) {
         let n = self.refused[r.index()].fetch_add(1, Relaxed) + 1;
         // Logged at a limited rate: the first few, then every 100th.
-        if n <= 5 || n % 100 == 0 {
+        if n <= 5 || n.is_multiple_of(100) {
             tracing::warn!(%peer, reason = r.name(), count = n, "feedback message refused");
         }
     }
@@ -567,25 +567,6 @@ pub async fn run(master: Arc<Master>) {
     }
 }
 
-/// Reads one frame. `Ok(None)`: the peer closed. `Err(Some(r))`: a framing
-/// error the stream cannot recover from.
-async fn read_frame(stream: &mut TcpStream) -> Result<Option<Vec<u8>>, Option<Refusal>> {
-    let mut head = [0u8; HEADER_LEN];
-    match stream.read_exact(&mut head).await {
-        Ok(_) => {}
-        Err(_) => return Ok(None),
-    }
-    let rest = necp::frame_rest(&head).map_err(Some)?;
-    let mut frame = Vec::with_capacity(HEADER_LEN + rest);
-    frame.extend_from_slice(&head);
-    frame.resize(HEADER_LEN + rest, 0);
-    stream
-        .read_exact(&mut frame[HEADER_LEN..])
-        .await
-        .map_err(|_| None)?;
-    Ok(Some(frame))
-}
-
 async fn serve_agent(master: &Arc<Master>, mut stream: TcpStream, peer: Ipv4Addr, session: u64) {
     let fb = &master.fb;
     let key = fb.key.as_bytes();
@@ -602,6 +583,7 @@ async fn serve_agent(master: &Arc<Master>, mut stream: TcpStream, peer: Ipv4Addr
     let mut seq = SequenceGen::default();
     let mut placed: Vec<Vec<(usize, usize)>> = Vec::new();
     let mut connected = true;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let sender = necp::sender_of(peer);
     tracing::info!(%peer, session, "agent connected");
     loop {
@@ -609,38 +591,50 @@ async fn serve_agent(master: &Arc<Master>, mut stream: TcpStream, peer: Ipv4Addr
         let wait = s
             .poll_at()
             .map_or(Duration::from_secs(3600), |at| at.saturating_sub(now));
-        let event = if connected {
-            tokio::select! {
-                r = read_frame(&mut stream) => match r {
-                    Ok(Some(frame)) => {
-                        let got = master.lock().gate.receive(&frame, key, Some(sender), unix_micros());
-                        match got {
-                            Ok(m) => Some(m.body),
-                            Err(r) => { master.refuse(r, peer); None }
-                        }
-                    }
-                    Ok(None) | Err(None) => {
-                        tracing::info!(%peer, session, state = %s.state(), "agent connection closed");
-                        connected = false;
-                        None
-                    }
-                    Err(Some(r)) => {
+        // A whole frame already buffered goes first; reading is cancel-safe
+        // (`read_buf`), so a timer firing mid-frame loses nothing.
+        let event = match necp::take_frame(&mut buf) {
+            Err(r) => {
+                master.refuse(r, peer);
+                connected = false;
+                buf.clear();
+                None
+            }
+            Ok(Some(frame)) => {
+                let got = master
+                    .lock()
+                    .gate
+                    .receive(&frame, key, Some(sender), unix_micros());
+                match got {
+                    Ok(m) => Some(m.body),
+                    Err(r) => {
                         master.refuse(r, peer);
-                        connected = false;
-                        None
+                        continue;
                     }
-                },
-                _ = tokio::time::sleep(wait) => None,
+                }
             }
-        } else {
-            if matches!(
-                s.state(),
-                MasterState::AwaitInit { .. } | MasterState::AwaitStart { .. }
-            ) {
-                break;
+            Ok(None) if connected => {
+                tokio::select! {
+                    r = stream.read_buf(&mut buf) => {
+                        if matches!(r, Ok(0) | Err(_)) {
+                            tracing::info!(%peer, session, state = %s.state(), "agent connection closed");
+                            connected = false;
+                        }
+                        continue;
+                    }
+                    _ = tokio::time::sleep(wait) => None,
+                }
             }
-            tokio::time::sleep(wait).await;
-            None
+            Ok(None) => {
+                if matches!(
+                    s.state(),
+                    MasterState::AwaitInit { .. } | MasterState::AwaitStart { .. }
+                ) {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                None
+            }
         };
         let now = t0.elapsed();
         let ev = match event {

@@ -413,6 +413,22 @@ pub fn frame_rest(header: &[u8]) -> Result<usize, Refusal> {
     Ok(n + MAC_LEN)
 }
 
+/// Takes the first whole frame off a stream buffer: `Ok(None)` while more
+/// bytes are needed, `Err` when the header is unusable (the stream cannot
+/// be resynchronised and must be closed). Lets drivers read with a
+/// cancel-safe `read_buf` and cut frames here.
+pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, Refusal> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let n = HEADER_LEN + frame_rest(&buf[..HEADER_LEN])?;
+    if buf.len() < n {
+        return Ok(None);
+    }
+    let rest = buf.split_off(n);
+    Ok(Some(std::mem::replace(buf, rest)))
+}
+
 /// Parses and authenticates one whole frame. Does not look at sequence
 /// numbers: see [`Gate`].
 pub fn decode(frame: &[u8], key: &[u8]) -> Result<Message, Refusal> {
@@ -781,6 +797,32 @@ mod tests {
             Err(Refusal::Stale)
         );
         assert!(aged.receive(&m(4_500_000, 5), KEY, None, 5_000_000).is_ok());
+    }
+
+    #[test]
+    fn take_frame_cuts_whole_frames_from_a_stream() {
+        let a = Message {
+            sender: 1,
+            sequence: 1,
+            body: Body::Stop,
+        }
+        .encode(KEY);
+        let b = Message {
+            sender: 1,
+            sequence: 2,
+            body: Body::Keepalive { id: 4 },
+        }
+        .encode(KEY);
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&a);
+        buf.extend_from_slice(&b[..5]);
+        assert_eq!(take_frame(&mut buf), Ok(Some(a.clone())));
+        assert_eq!(take_frame(&mut buf), Ok(None));
+        buf.extend_from_slice(&b[5..]);
+        assert_eq!(take_frame(&mut buf), Ok(Some(b)));
+        assert!(buf.is_empty());
+        let mut bad = b"XXXXXXXXXXXXXXXXXXXXXXXX".to_vec();
+        assert_eq!(take_frame(&mut bad), Err(Refusal::BadMagic));
     }
 
     proptest! {
