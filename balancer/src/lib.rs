@@ -8,10 +8,13 @@ pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod feedback;
+pub mod health;
 pub mod node;
 pub mod peers;
+pub mod persist;
 pub mod sched;
 pub mod setup;
+pub mod shed;
 pub mod stats;
 pub mod sync;
 

@@ -21,6 +21,11 @@ pub struct ClusterView {
     pub table: BucketTable,
     /// Live members (including this node when it is up).
     pub live: Vec<u32>,
+    /// Director mode: the MAC holder receives every VIP frame on a unicast
+    /// MAC and passes other nodes' flows to them on the front segment.
+    pub director: bool,
+    /// Front addresses of the live peers (where their heartbeats come from).
+    pub peer_addrs: Vec<(u32, std::net::Ipv4Addr)>,
     /// Bumped on every change; the dataplane refreshes derived state when
     /// it moves.
     pub version: u64,
@@ -30,6 +35,16 @@ impl ClusterView {
     /// Whether this node processes the flow with this hash.
     pub fn owns(&self, flow_hash: u64) -> bool {
         self.table.lookup(flow_hash) == Some(self.me)
+    }
+
+    /// The front address of the node owning this flow, when another node
+    /// owns it and its address is known.
+    pub fn owner_addr(&self, flow_hash: u64) -> Option<std::net::Ipv4Addr> {
+        let owner = self.table.lookup(flow_hash)?;
+        self.peer_addrs
+            .iter()
+            .find(|(id, _)| *id == owner && owner != self.me)
+            .map(|(_, a)| *a)
     }
 
     /// Whether a real server of `node`'s sub-cluster may get new flows from
