@@ -250,10 +250,9 @@ pub fn analyse(
             }
         }
     }
-    // Drop the empty tail (no requests sent after the load ended).
-    while bins.last().is_some_and(|b| b.ok == 0 && b.failed == 0) && bins.len() > 1 {
-        bins.pop();
-    }
+    // Only whole bins: the last one would be cut by the end of the load.
+    let whole = (load_end.as_nanos() / bin.as_nanos().max(1)) as usize;
+    bins.truncate(whole.max(1));
     Analysis {
         gap,
         outage,
