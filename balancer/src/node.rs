@@ -101,21 +101,19 @@ fn dataplane_loop(
     let t0 = Instant::now();
     let hk_ms = housekeeping.as_millis().max(1) as u64;
     let mut next_hk = 0u64;
-    let mut fds = [
-        libc::pollfd {
-            fd: front_rx.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: back_rx.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    let pfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = vec![pfd(front_rx.fd()), pfd(back_rx.fd())];
+    if let Some(fd) = engine.sync_fd() {
+        fds.push(pfd(fd));
+    }
     while !stop.load(Ordering::Relaxed) {
         let now_ms = t0.elapsed().as_millis() as u64;
         engine.refresh();
+        engine.poll_sync(now_ms);
         let mut sinks = Sinks {
             front: &mut front_tx,
             back: &mut back_tx,
@@ -198,8 +196,32 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let mut engine = Engine::new(config, ifs, back_local, stats.clone())?;
     let peers = match &config.cluster {
         Some(c) => {
-            let p = crate::peers::Peers::start(config, c)?;
+            let mut p = crate::peers::Peers::start(config, c)?;
             engine = engine.with_cluster(p.shared.clone());
+            if let Some((commands, ready)) = p.take_dataplane_ends() {
+                let vips = config.vips();
+                let front_addr = interface_addrs(&node.front)
+                    .map_err(io_err(format!("addresses of {}", node.front)))?
+                    .into_iter()
+                    .find(|a| !vips.contains(a))
+                    .ok_or_else(|| NodeError::Io {
+                        what: format!("front NIC {}", node.front),
+                        source: io::Error::other("has no address of its own for connection sync"),
+                    })?;
+                let sync = crate::dataplane::syncio::SyncIo::open(
+                    p.me(),
+                    p.universe(),
+                    c.sync_key.as_bytes(),
+                    &node.front,
+                    front_addr,
+                    c.sync_group,
+                    c.sync_port,
+                    commands,
+                    ready,
+                )
+                .map_err(io_err("connection sync socket"))?;
+                engine = engine.with_sync(sync);
+            }
             Some(p)
         }
         None => None,

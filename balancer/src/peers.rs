@@ -24,6 +24,7 @@ use rewrite::maglev::{BucketTable, Node, TableParams};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Cluster, Config};
+use crate::dataplane::syncio::SyncCommand;
 use crate::dataplane::view::{ClusterView, SharedView};
 
 /// Why cluster mode could not start.
@@ -51,6 +52,14 @@ pub struct Peers {
     universe: Vec<u32>,
     drain: watch::Receiver<bool>,
     drain_tx: watch::Sender<bool>,
+    /// The dataplane says when this node holds the cluster's connections
+    /// (bulk pull done, or nobody to pull from).
+    ready: watch::Receiver<bool>,
+    sync_cmd: std::sync::mpsc::Sender<SyncCommand>,
+    dataplane_ends: Option<(std::sync::mpsc::Receiver<SyncCommand>, watch::Sender<bool>)>,
+    /// Membership interval: how long to listen for peers before deciding
+    /// whom to pull the table from.
+    interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for Peers {
@@ -67,13 +76,13 @@ impl std::fmt::Debug for Peers {
 /// A member whose last heartbeat carries weight 0 is leaving (SIGTERM): it
 /// owns no bucket any more, though it is still live (it still holds its
 /// back gateway and reverse-NATs the replies of its flows until it stops).
-/// `draining` says this node itself is leaving.
+/// `me_owns` says this node itself may own buckets (ready, not leaving).
 pub fn view_of(
     status: &NodeStatus,
     cluster: &Cluster,
     params: &TableParams,
     universe: &[u32],
-    draining: bool,
+    me_owns: bool,
     version: u64,
 ) -> Result<ClusterView, rewrite::maglev::TableError> {
     let me = status.node_id;
@@ -81,7 +90,7 @@ pub fn view_of(
         .instance(&cluster.front_instance)
         .is_some_and(|i| i.state == State::Master);
     let live = status.live.clone();
-    let nodes: Vec<Node> = owners(status, universe, draining)
+    let nodes: Vec<Node> = owners(status, universe, me_owns)
         .into_iter()
         .map(|(id, weight, owns)| Node::new(id, weight, owns))
         .collect();
@@ -97,7 +106,11 @@ pub fn view_of(
 }
 
 /// Per configured node: id, weight, and whether it may own buckets now.
-fn owners(status: &NodeStatus, universe: &[u32], draining: bool) -> Vec<(u32, u16, bool)> {
+///
+/// A peer owns buckets while it is live, its weight is not 0 (leaving) and
+/// its epoch is not 0 (still pulling the connection table after a start).
+/// `me_owns` says the same of this node.
+fn owners(status: &NodeStatus, universe: &[u32], me_owns: bool) -> Vec<(u32, u16, bool)> {
     universe
         .iter()
         .map(|&id| {
@@ -106,13 +119,13 @@ fn owners(status: &NodeStatus, universe: &[u32], draining: bool) -> Vec<(u32, u1
                 .iter()
                 .find(|m| m.node_id == id)
                 .and_then(|m| m.last.as_ref());
-            let leaving = if id == status.node_id {
-                draining
-            } else {
-                last.is_some_and(|h| h.weight == 0)
-            };
             let weight = last.map_or(1, |h| h.weight.max(1));
-            (id, weight, status.live.contains(&id) && !leaving)
+            let owns = if id == status.node_id {
+                me_owns
+            } else {
+                status.live.contains(&id) && last.is_some_and(|h| h.weight != 0 && h.epoch != 0)
+            };
+            (id, weight, owns)
         })
         .collect()
 }
@@ -146,6 +159,13 @@ impl Peers {
             heartbeat::driver::start(&hb).map_err(|e| PeersError::Start(e.to_string()))?;
         let status = handle.status.borrow().clone();
         let first = view_of(&status, cluster, &params, &universe, false, 1)?;
+        let (drain_tx, drain) = watch::channel(false);
+        let (ready_tx, ready) = watch::channel(false);
+        let (sync_cmd, cmd_rx) = std::sync::mpsc::channel();
+        let interval = hb
+            .membership
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(1), |m| m.interval);
         Ok(Peers {
             handle,
             shared: Arc::new(ArcSwap::from_pointee(first)),
@@ -155,17 +175,29 @@ impl Peers {
             exec_rx: Some(exec_rx),
             vips: config.vips(),
             universe,
-            drain: watch::channel(false).1,
-            drain_tx: watch::channel(false).0,
-        }
-        .with_drain_channel())
+            drain,
+            drain_tx,
+            ready,
+            sync_cmd,
+            dataplane_ends: Some((cmd_rx, ready_tx)),
+            interval,
+        })
     }
 
-    fn with_drain_channel(mut self) -> Peers {
-        let (tx, rx) = watch::channel(false);
-        self.drain = rx;
-        self.drain_tx = tx;
-        self
+    /// The configured node ids.
+    pub fn universe(&self) -> &[u32] {
+        &self.universe
+    }
+
+    pub fn me(&self) -> u32 {
+        self.me
+    }
+
+    /// The dataplane's ends of the sync control channels (once).
+    pub fn take_dataplane_ends(
+        &mut self,
+    ) -> Option<(std::sync::mpsc::Receiver<SyncCommand>, watch::Sender<bool>)> {
+        self.dataplane_ends.take()
     }
 
     /// Leaves the cluster's ownership gracefully: announces weight 0 to the
@@ -217,16 +249,51 @@ impl Peers {
             tokio::spawn(heartbeat::driver::exec::run(rx));
         }
         let mut status: watch::Receiver<Arc<NodeStatus>> = self.handle.status.clone();
+        // Joining: listen for peers a few intervals, then pull the table
+        // from one that owns buckets (or be ready at once if none does).
+        {
+            let status = status.clone();
+            let cmd = self.sync_cmd.clone();
+            let me = self.me;
+            let wait = self.interval * 4;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let st = status.borrow().clone();
+                let peer = st
+                    .members
+                    .iter()
+                    .filter(|m| m.node_id != me && st.live.contains(&m.node_id))
+                    .filter(|m| {
+                        m.last
+                            .as_ref()
+                            .is_some_and(|h| h.epoch != 0 && h.weight != 0)
+                    })
+                    .map(|m| m.node_id)
+                    .min();
+                let _ = cmd.send(match peer {
+                    Some(p) => SyncCommand::Pull(p),
+                    None => SyncCommand::Ready,
+                });
+            });
+        }
+        let commander = self.handle.commander.clone();
         let mut version = 1u64;
         let mut last = None;
+        let mut announced = false;
         loop {
             let st = status.borrow_and_update().clone();
-            let draining = *self.drain.borrow_and_update();
+            let ready = *self.ready.borrow_and_update();
+            if ready && !announced {
+                // Epoch 1: "I hold the connections, count me as an owner".
+                commander.send(heartbeat::driver::Command::SetEpoch(1));
+                announced = true;
+            }
+            let me_owns = ready && !*self.drain.borrow_and_update();
             let holder = st
                 .instance(&self.cluster.front_instance)
                 .is_some_and(|i| i.state == State::Master);
             let now = (
-                owners(&st, &self.universe, draining),
+                owners(&st, &self.universe, me_owns),
                 st.live.clone(),
                 holder,
             );
@@ -237,7 +304,7 @@ impl Peers {
                     &self.cluster,
                     &self.params,
                     &self.universe,
-                    draining,
+                    me_owns,
                     version,
                 ) {
                     Ok(v) => {
@@ -254,6 +321,7 @@ impl Peers {
             tokio::select! {
                 r = status.changed() => if r.is_err() { break },
                 r = self.drain.changed() => if r.is_err() { break },
+                r = self.ready.changed() => if r.is_err() { break },
             }
         }
     }

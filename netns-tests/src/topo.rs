@@ -339,6 +339,14 @@ impl Testbed {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let sw = Host::create(format!("{prefix}-sw"), "sw")?;
+        // A switch forwards frames as they are. With br_netfilter loaded
+        // (container hosts load it), bridged IPv4 and IPv6 pass netfilter's
+        // header validation, which silently drops a bad checksum or length
+        // before it reaches the far end. The sysctls are per namespace and
+        // exist only while the module is loaded, hence no error check.
+        for table in ["iptables", "ip6tables", "arptables"] {
+            let _ = sw.sysctl(&format!("net.bridge.bridge-nf-call-{table}"), "0");
+        }
         Ok(Testbed {
             prefix,
             sw,
@@ -501,6 +509,18 @@ impl Testbed {
     pub fn plug(&self, host: &Host, ifname: &str) -> Result<()> {
         let port = self.port_of(host, ifname)?;
         self.sw.run(&["ip", "link", "set", &port, "up"]).map(|_| ())
+    }
+
+    /// Isolates a host's bridge port (or lifts it): isolated ports do not
+    /// talk to each other but still talk to every other port. Isolating the
+    /// nodes' ports partitions the nodes from each other while clients and
+    /// servers still reach all of them.
+    pub fn isolate(&self, host: &Host, ifname: &str, on: bool) -> Result<()> {
+        let port = self.port_of(host, ifname)?;
+        let state = if on { "on" } else { "off" };
+        self.sw
+            .run(&["bridge", "link", "set", "dev", &port, "isolated", state])
+            .map(|_| ())
     }
 
     /// The bridge port (in the switch namespace) of a host's interface.

@@ -190,3 +190,211 @@ fn sigterm_of_a_node_hands_over() -> Result<()> {
     );
     Ok(())
 }
+
+/// Connection sync: long-lived NAT connections owned by a node survive its
+/// SIGKILL — the survivor takes its buckets and its back gateway and
+/// continues each connection to the same real server.
+#[test]
+fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
+    let (c, _srv, nodes) = two_nodes("cl-sync")?;
+    // Open connections until some are served by each node's sub-cluster.
+    let conns = c
+        .client
+        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
+            let mut v = Vec::new();
+            for _ in 0..12 {
+                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
+                let server = h.get(100, false)?.server;
+                v.push((h, server));
+            }
+            Ok(v)
+        })??;
+    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
+    ensure!(
+        on_rs1 > 0 && on_rs1 < conns.len(),
+        "connections all on one node: {on_rs1} of {}",
+        conns.len()
+    );
+    // Give the sync datagrams a moment (they leave within a poll round).
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = nodes[0].pid().unwrap_or(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let broken = c.client.in_ns(move || {
+        let mut conns = conns;
+        let mut broken = Vec::new();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(4) {
+            for (i, (h, server)) in conns.iter_mut().enumerate() {
+                if broken.contains(&i) {
+                    continue;
+                }
+                match h.get(2000, false) {
+                    Ok(r) if r.server == *server && r.body_ok => {}
+                    other => {
+                        eprintln!("connection {i} to {server}: {other:?}");
+                        broken.push(i);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        broken
+    })?;
+    println!(
+        "FIGURE cluster SIGKILL: {} of 12 long-lived NAT connections broken ({on_rs1} were on the killed node)",
+        broken.len()
+    );
+    ensure!(
+        broken.is_empty(),
+        "long-lived connections broken: {broken:?}"
+    );
+    Ok(())
+}
+
+/// A restarted node pulls the connection table from its peer before it
+/// owns buckets again, so the long-lived connections the peer took over
+/// keep working when their buckets come back to the restarted node.
+#[test]
+fn restarted_node_pulls_the_table_before_owning_buckets() -> Result<()> {
+    let (c, _srv, mut nodes) = two_nodes("cl-restart")?;
+    let conns = c
+        .client
+        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
+            let mut v = Vec::new();
+            for _ in 0..12 {
+                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
+                let server = h.get(100, false)?.server;
+                v.push((h, server));
+            }
+            Ok(v)
+        })??;
+    std::thread::sleep(Duration::from_millis(200));
+    nodes[0].kill();
+    let load = c.client.spawn_in_ns(move || {
+        let mut conns = conns;
+        let mut broken = Vec::new();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(7) {
+            for (i, (h, server)) in conns.iter_mut().enumerate() {
+                if broken.contains(&i) {
+                    continue;
+                }
+                match h.get(1000, false) {
+                    Ok(r) if r.server == *server && r.body_ok => {}
+                    other => {
+                        eprintln!("connection {i} to {server}: {other:?}");
+                        broken.push(i);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        broken
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let cfg1 = c.dir().join("lb1.toml");
+    nodes[0] = c.start_node(1, &cfg1)?;
+    let broken = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let log = std::fs::read_to_string(c.dir().join("lb1.log"))?;
+    let pulled = log.find("connection table pulled");
+    let owning = log
+        .lines()
+        .filter(|l| l.contains("cluster view changed"))
+        .position(|l| l.contains("(1, 1, true)"))
+        .and_then(|i| {
+            log.lines()
+                .filter(|l| l.contains("cluster view changed"))
+                .nth(i)
+        })
+        .and_then(|l| log.find(l));
+    ensure!(
+        pulled.is_some(),
+        "the restarted node never pulled the table:\n{log}"
+    );
+    ensure!(
+        owning.is_some_and(|o| Some(o) > pulled),
+        "the restarted node owned buckets before pulling:\n{log}"
+    );
+    let st = c.status(1)?;
+    // No new connection was made: what lb1 forwarded since its restart
+    // belongs to the connections it got back with their buckets.
+    let pkts = st["services"][0]["pkts_in"].as_u64().unwrap_or(0);
+    ensure!(
+        conns_total(&st) == 0 && pkts > 0,
+        "lb1 after restart: {} new connections, {pkts} packets",
+        conns_total(&st)
+    );
+    println!(
+        "FIGURE cluster restart: {} of 12 long-lived connections broken",
+        broken.len()
+    );
+    ensure!(
+        broken.is_empty(),
+        "long-lived connections broken across the restart: {broken:?}"
+    );
+    Ok(())
+}
+
+/// The last cluster view a node logged: (owners, MAC holder).
+fn last_view(c: &ClusterBed, k: usize) -> Result<(String, bool)> {
+    let log = std::fs::read_to_string(c.dir().join(format!("lb{k}.log")))?;
+    let line = log
+        .lines()
+        .filter(|l| l.contains("cluster view changed"))
+        .next_back()
+        .unwrap_or_default()
+        .to_string();
+    let owners = line
+        .split("owners=")
+        .nth(1)
+        .and_then(|r| r.split(" mac_holder").next())
+        .unwrap_or_default()
+        .to_string();
+    Ok((owners, line.contains("mac_holder=true")))
+}
+
+/// A partition of the nodes (each loses the other's adverts, heartbeats and
+/// sync, not the clients nor the servers) gives two MAC holders each owning
+/// everything; healing ends with one MAC holder and one bucket table.
+#[test]
+fn partition_and_heal_end_with_one_mac_holder_and_one_table() -> Result<()> {
+    let (c, _srv, _nodes) = two_nodes("cl-part")?;
+    for k in 0..2 {
+        c.tb.isolate(&c.nodes[k], "front0", true)?;
+        c.tb.isolate(&c.nodes[k], "back0", true)?;
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (v1, v2) = (last_view(&c, 1)?, last_view(&c, 2)?);
+    ensure!(
+        v1.1 && v2.1,
+        "partition: expected two MAC holders, got {v1:?} / {v2:?}"
+    );
+    for k in 0..2 {
+        c.tb.isolate(&c.nodes[k], "front0", false)?;
+        c.tb.isolate(&c.nodes[k], "back0", false)?;
+    }
+    let healed = netns_tests::topo::wait_until(Duration::from_secs(3), &mut || match (
+        last_view(&c, 1),
+        last_view(&c, 2),
+    ) {
+        (Ok(a), Ok(b)) => {
+            a.1 != b.1 && a.0 == b.0 && a.0.contains("(1, 1, true)") && a.0.contains("(2, 1, true)")
+        }
+        _ => false,
+    });
+    let (v1, v2) = (last_view(&c, 1)?, last_view(&c, 2)?);
+    ensure!(healed, "after the heal: lb1 {v1:?}, lb2 {v2:?}");
+    // And the VIP works for every flow again.
+    c.client.in_ns(|| -> Result<()> {
+        for _ in 0..50 {
+            http_get(SingleNode::vip(80), 100, T)?;
+        }
+        Ok(())
+    })??;
+    Ok(())
+}

@@ -45,6 +45,7 @@ use crate::conntrack::{
 };
 use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
+use crate::dataplane::syncio::SyncIo;
 use crate::dataplane::view::{ClusterView, SharedView};
 use crate::sched::{BackendView, Scheduler};
 use crate::stats::{ConnGauge, DropReason, Nic, Stats};
@@ -114,6 +115,8 @@ pub struct Engine {
     /// (refreshed once per poll round by [`Engine::refresh`]).
     shared: Option<SharedView>,
     view: Option<Arc<ClusterView>>,
+    /// Cluster mode: connection sync with the peers.
+    sync: Option<SyncIo>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -243,6 +246,7 @@ impl Engine {
             scratch: [0; 64],
             shared: None,
             view: None,
+            sync: None,
         })
     }
 
@@ -253,6 +257,19 @@ impl Engine {
         self.shared = Some(shared);
         self.refresh();
         self
+    }
+
+    /// Cluster mode: send new and changed connections to the peers and
+    /// apply theirs.
+    pub fn with_sync(mut self, sync: SyncIo) -> Engine {
+        self.sync = Some(sync);
+        self
+    }
+
+    fn synced(&mut self, id: crate::conntrack::ConnId, now_ms: u64) {
+        if let (Some(s), Some(e)) = (&mut self.sync, self.conns.get(id)) {
+            s.conn_changed(e, now_ms);
+        }
     }
 
     /// Picks up a newly published cluster view (cheap when nothing changed:
@@ -382,7 +399,7 @@ impl Engine {
                     L4::Tcp { .. } | L4::Udp { .. } => {
                         self.client_packet(frame, &p, meta, now_ms, out)
                     }
-                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, meta, out),
+                    L4::IcmpError { .. } => self.client_icmp_error(frame, &p, now_ms, out),
                     L4::IcmpOther { .. } => {
                         // Echo and friends: the node's own stack answers for
                         // the VIP (in a cluster, the node owning the "flow").
@@ -448,6 +465,9 @@ impl Engine {
                     && let Some(e) = self.conns.get(id)
                 {
                     self.settle(e.service, e.backend, t.activated(), t.deactivated());
+                    if t.changed() {
+                        self.synced(id, now_ms);
+                    }
                 }
                 id
             }
@@ -456,6 +476,9 @@ impl Engine {
                     self.stats
                         .conn_gone(e.service as usize, e.backend as usize, gauge(&e));
                     self.unview(&e);
+                    if let Some(s) = &mut self.sync {
+                        s.conn_removed(&e, now_ms);
+                    }
                 }
                 match self.new_conn(svc, key, flags, p, now_ms) {
                     Some(id) => id,
@@ -544,8 +567,8 @@ impl Engine {
         let s = &mut self.services[svc as usize];
         let hash = self.hasher.hash(&key);
         let Some(be) = s.sched.pick(&s.views, hash) else {
+            // Also counts the `no_backend` drop.
             self.stats.record_no_backend(svc as usize);
-            self.drop(DropReason::NoBackend);
             return None;
         };
         let b = &s.backends[be];
@@ -574,11 +597,12 @@ impl Engine {
                         self.services[svc as usize].views[be].active_conns += 1;
                     }
                 }
+                self.synced(id, now_ms);
                 Some(id)
             }
             Err(ConntrackError::TableFull) => {
+                // Also counts the `table_full` drop.
                 self.stats.record_table_full(svc as usize);
-                self.drop(DropReason::TableFull);
                 None
             }
             Err(_) => {
@@ -622,7 +646,7 @@ impl Engine {
         &mut self,
         frame: &mut [u8],
         p: &Parsed,
-        _meta: RxMeta,
+        now_ms: u64,
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
@@ -648,9 +672,9 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out);
+                self.to_backend(frame, p, e.backend_addr, now_ms, out);
             }
-            Method::Dr => self.to_backend(frame, p, e.backend_addr, u64::MAX / 2, out),
+            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
         }
     }
 
@@ -687,6 +711,9 @@ impl Engine {
                         {
                             let (s, b) = (e.service, e.backend);
                             self.settle(s, b, t.activated(), t.deactivated());
+                            if t.changed() {
+                                self.synced(id, now_ms);
+                            }
                         }
                     }
                     L4::Udp { .. } => {
@@ -735,6 +762,19 @@ impl Engine {
 
     /// Periodic work: connection expiry, ARP for backends, gratuitous ARP
     /// for the VIPs at start. Call every few tens of milliseconds.
+    /// Cluster mode: sends due sync batches and applies the peers'. Call
+    /// every poll round (sync latency is what a takeover can lose).
+    pub fn poll_sync(&mut self, now_ms: u64) {
+        if let Some(s) = &mut self.sync {
+            s.poll(&mut self.conns, now_ms);
+        }
+    }
+
+    /// The sync socket, to wake the dataplane when a peer sends.
+    pub fn sync_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.sync.as_ref().map(SyncIo::fd)
+    }
+
     pub fn housekeeping(&mut self, now_ms: u64, out: &mut dyn Output) {
         let stats = &self.stats;
         let services = &mut self.services;

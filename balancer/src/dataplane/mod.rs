@@ -5,5 +5,6 @@
 pub mod engine;
 pub mod neigh;
 pub mod ring;
+pub mod syncio;
 pub mod tun;
 pub mod view;

@@ -225,10 +225,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// The members' announced weights (a change of weight, e.g. to 0 when a
 /// node leaves, changes who owns flows and is published at once).
-fn weights(table: &Membership) -> Vec<(u32, Option<u16>)> {
+fn weights(table: &Membership) -> Vec<(u32, Option<(u16, u64)>)> {
     table
         .members()
-        .map(|m| (m.node_id, m.last.as_ref().map(|h| h.weight)))
+        .map(|m| (m.node_id, m.last.as_ref().map(|h| (h.weight, h.epoch))))
         .collect()
 }
 
@@ -466,6 +466,7 @@ impl Proto {
                     Command::SetEpoch(e) => {
                         if let Some(m) = &mut self.member {
                             m.epoch = e;
+                            m.next_send = Duration::ZERO;
                         }
                     }
                     Command::SetWeight(w) => {
