@@ -19,6 +19,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::error::{ConfigError, ConfigErrorKind as Kind, Error, Result};
+use crate::health::{HealthCheck, OnDown, Probe};
+use crate::persist::Persistence;
+use crate::shed::{DEFAULT_K, Shedding, Strategy};
 
 /// Seed of the flow hash when the config sets none. Nodes of one cluster
 /// must agree on it; a fixed default makes that the case out of the box.
@@ -47,6 +50,19 @@ pub struct Config {
     pub cluster: Option<Cluster>,
 }
 
+/// How the VIP's frames reach the nodes of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// Every node receives every frame on a multicast cluster MAC and keeps
+    /// the flows of its buckets (the default).
+    Multicast,
+    /// For networks that do not flood a multicast MAC: the MAC holder
+    /// receives every frame on a unicast MAC and passes other nodes' flows
+    /// to them by rewriting the destination MAC (DR between balancers).
+    Director,
+}
+
 /// `[cluster]`: the node is one of several bi-active peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
@@ -56,8 +72,11 @@ pub struct Cluster {
     pub heartbeat: PathBuf,
     /// The heartbeat instance whose master is the active MAC holder.
     pub front_instance: String,
-    /// The multicast MAC every node's front NIC accepts; the MAC holder
-    /// answers ARP for the VIPs with it.
+    /// How VIP frames reach the nodes.
+    pub mode: ClusterMode,
+    /// Multicast mode: the multicast MAC every node's front NIC accepts.
+    /// Director mode: a unicast MAC only the MAC holder accepts. The MAC
+    /// holder answers ARP for the VIPs with it.
     pub cluster_mac: rewrite::ethernet::MacAddr,
     /// Bucket table size (a prime).
     pub buckets: u32,
@@ -66,6 +85,12 @@ pub struct Cluster {
     pub sync_group: Ipv4Addr,
     /// Shared HMAC-SHA256 key of connection sync.
     pub sync_key: String,
+    /// The back gateway address of each node's sub-cluster (its real
+    /// servers' default route): a node sends new flows to a sub-cluster
+    /// only while its heartbeat holds that gateway, so that the replies come
+    /// back to it. Nodes without an entry: their own sub-cluster, and a dead
+    /// node's.
+    pub gateways: Vec<(u32, Ipv4Addr)>,
 }
 
 /// `[node]`.
@@ -127,8 +152,17 @@ pub struct Service {
     pub port: u16,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
-    /// In file order; at least one.
+    /// In file order; at least one that is not the sorry server.
     pub backends: Vec<Backend>,
+    /// `max_conns`: connections (active + inactive) from which new flows
+    /// are refused; 0 = no limit.
+    pub max_conns: u32,
+    /// `[service.persistence]`: source-address affinity.
+    pub persistence: Option<Persistence>,
+    /// `[service.shed]`: load shedding on the service's connection count.
+    pub shedding: Option<Shedding>,
+    /// `[service.health]`: health checks of every backend.
+    pub health: Option<HealthCheck>,
 }
 
 /// `[[service.backend]]`: a real server, or the node itself.
@@ -142,6 +176,13 @@ pub struct Backend {
     /// 0 = drained: keeps its connections, gets no new ones.
     pub weight: u16,
     pub forward: Forward,
+    /// Connection limit (active + inactive); 0 = none. A backend at its
+    /// limit gets no new flows.
+    pub max_conns: u32,
+    /// `fns`: saturated from this many connections on; 0 = never.
+    pub high_water: u32,
+    /// The sorry server: only used when no other backend can take a flow.
+    pub sorry: bool,
     /// The cluster node whose sub-cluster this real server belongs to (it
     /// routes through that node's back gateway); `None`: any node's.
     pub node: Option<u32>,
@@ -270,12 +311,15 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     heartbeat: Spanned<String>,
+    mode: Option<Spanned<ClusterMode>>,
     front_instance: Option<Spanned<String>>,
     cluster_mac: Spanned<String>,
     buckets: Option<Spanned<i64>>,
     sync_port: Option<Spanned<i64>>,
     sync_group: Option<Spanned<String>>,
     sync_key: Spanned<String>,
+    #[serde(default)]
+    gateways: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,8 +359,58 @@ struct RawService {
     port: Spanned<i64>,
     protocol: Option<Spanned<Protocol>>,
     scheduler: Option<Spanned<Scheduler>>,
+    max_conns: Option<Spanned<i64>>,
+    persistence: Option<Spanned<RawPersistence>>,
+    shed: Option<Spanned<RawShed>>,
+    health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPersistence {
+    timeout: SpannedDuration,
+    netmask: Option<Spanned<String>>,
+}
+
+/// Shedding strategies by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ShedName {
+    Hard,
+    Exponential,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShed {
+    strategy: Spanned<ShedName>,
+    threshold: Spanned<i64>,
+    k: Option<Spanned<f64>>,
+}
+
+/// Health check kinds by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum CheckName {
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Spanned<CheckName>,
+    port: Option<Spanned<i64>>,
+    path: Option<Spanned<String>>,
+    expect_status: Option<Spanned<i64>>,
+    expect_body: Option<Spanned<String>>,
+    interval: Option<SpannedDuration>,
+    timeout: Option<SpannedDuration>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+    on_down: Option<Spanned<OnDown>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,6 +421,9 @@ struct RawBackend {
     port: Option<Spanned<i64>>,
     weight: Option<Spanned<i64>>,
     forward: Spanned<Forward>,
+    max_conns: Option<Spanned<i64>>,
+    high_water: Option<Spanned<i64>>,
+    sorry: Option<Spanned<bool>>,
     node: Option<Spanned<i64>>,
 }
 
@@ -627,12 +724,27 @@ impl RawConfig {
                 format!("`{mac_text}` is not a MAC address"),
             )
         })?;
-        if !cluster_mac.is_multicast() || cluster_mac.is_broadcast() {
+        let mode = raw
+            .mode
+            .as_ref()
+            .map_or(ClusterMode::Multicast, |m| *m.get_ref());
+        let bad = match mode {
+            ClusterMode::Multicast if !cluster_mac.is_multicast() || cluster_mac.is_broadcast() => {
+                Some(
+                    "must be a multicast MAC (first octet odd), not broadcast: in multicast mode every node's NIC accepts it",
+                )
+            }
+            ClusterMode::Director if cluster_mac.is_multicast() => Some(
+                "must be a unicast MAC in director mode (e.g. the VRRP virtual MAC 00:00:5e:00:01:VRID)",
+            ),
+            _ => None,
+        };
+        if let Some(why) = bad {
             return Err(ctx.err(
                 &raw.cluster_mac.span(),
                 "cluster.cluster_mac",
                 Kind::BadValue,
-                format!("`{mac_text}` must be a multicast MAC (first octet odd), not broadcast: every node's NIC accepts it"),
+                format!("`{mac_text}` {why}"),
             ));
         }
         let buckets = match &raw.buckets {
@@ -696,18 +808,41 @@ impl RawConfig {
                 "the sync key must be at least 16 bytes",
             ));
         }
+        let mut gateways = Vec::new();
+        for (id, addr) in &raw.gateways {
+            let key = format!("cluster.gateways.{id}");
+            let node: u32 = id.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ctx.err(
+                    &addr.span(),
+                    key.clone(),
+                    Kind::BadValue,
+                    format!("`{id}` is not a node id"),
+                )
+            })?;
+            let ip: Ipv4Addr = addr.get_ref().parse().map_err(|_| {
+                ctx.err(
+                    &addr.span(),
+                    key.clone(),
+                    Kind::BadValue,
+                    format!("`{}` is not an IPv4 address", addr.get_ref()),
+                )
+            })?;
+            gateways.push((node, ip));
+        }
         let front_instance = raw
             .front_instance
             .as_ref()
             .map_or_else(|| "front".to_owned(), |f| f.get_ref().clone());
         Ok(Some(Cluster {
             heartbeat,
+            mode,
             front_instance,
             cluster_mac,
             buckets,
             sync_port,
             sync_group,
             sync_key: key.clone(),
+            gateways,
         }))
     }
 
@@ -1076,6 +1211,35 @@ fn validate_service(
                 format!("backend name `{name}` is already used by backend[{prev}]"),
             ));
         }
+        let max_conns = match &b.max_conns {
+            None => 0,
+            Some(v) => count(ctx, v, &format!("{bkey}.max_conns"))?,
+        };
+        let high_water = match &b.high_water {
+            None => 0,
+            Some(v) => {
+                let hw = count(ctx, v, &format!("{bkey}.high_water"))?;
+                if max_conns != 0 && hw > max_conns {
+                    return Err(ctx.err(
+                        &v.span(),
+                        format!("{bkey}.high_water"),
+                        Kind::Inconsistent,
+                        format!("high_water {hw} is above max_conns {max_conns}: the backend would never be saturated"),
+                    ));
+                }
+                hw
+            }
+        };
+        let sorry = b.sorry.as_ref().is_some_and(|v| *v.get_ref());
+        if sorry && let Some(prev) = backends.iter().position(|x| x.sorry) {
+            let span = b.sorry.as_ref().map_or_else(|| rb.span(), |v| v.span());
+            return Err(ctx.err(
+                &span,
+                format!("{bkey}.sorry"),
+                Kind::SecondSorryBackend,
+                format!("backend[{prev}] is already the sorry server of this service"),
+            ));
+        }
         let node = match &rb.get_ref().node {
             None => None,
             Some(n) => {
@@ -1097,8 +1261,48 @@ fn validate_service(
             port: bport,
             weight,
             forward,
+            max_conns,
+            high_water,
+            sorry,
             node,
         });
+    }
+    if backends.iter().all(|b| b.sorry) {
+        return Err(ctx.err(
+            &raw.span(),
+            format!("{key}.backend"),
+            Kind::NoRegularBackend,
+            "the sorry server is only used when the others are out; the service needs another backend",
+        ));
+    }
+    let max_conns = match &r.max_conns {
+        None => 0,
+        Some(v) => count(ctx, v, &format!("{key}.max_conns"))?,
+    };
+    let persistence = r
+        .persistence
+        .as_ref()
+        .map(|p| validate_persistence(ctx, &key, p))
+        .transpose()?;
+    let shedding = r
+        .shed
+        .as_ref()
+        .map(|s| validate_shed(ctx, &key, s))
+        .transpose()?;
+    let health = r
+        .health
+        .as_ref()
+        .map(|h| validate_health(ctx, &key, protocol, h))
+        .transpose()?;
+    if scheduler == Scheduler::Lrt && health.is_none() {
+        return Err(ctx.err(
+            &r.scheduler
+                .as_ref()
+                .map_or_else(|| raw.span(), |s| s.span()),
+            format!("{key}.scheduler"),
+            Kind::Inconsistent,
+            "lrt schedules by health-check round trip times: add [service.health]",
+        ));
     }
     Ok(Service {
         name,
@@ -1107,7 +1311,245 @@ fn validate_service(
         protocol,
         scheduler,
         backends,
+        max_conns,
+        persistence,
+        shedding,
+        health,
     })
+}
+
+/// A count of connections: 1 ..= 2^31 - 1 (leave out a key for "none").
+fn count(ctx: &Ctx, value: &Spanned<i64>, key: &str) -> Result<u32> {
+    let v = *value.get_ref();
+    match u32::try_from(v) {
+        Ok(n) if (1..=i32::MAX as u32).contains(&n) => Ok(n),
+        _ => Err(ctx.err(
+            &value.span(),
+            key,
+            Kind::OutOfRange,
+            format!("{v} is out of range 1..=2147483647"),
+        )),
+    }
+}
+
+/// A positive duration.
+fn positive(ctx: &Ctx, value: &SpannedDuration, key: &str) -> Result<Duration> {
+    let d: Duration = **value.get_ref();
+    if d.is_zero() {
+        return Err(ctx.err(
+            &value.span(),
+            key,
+            Kind::OutOfRange,
+            "must be greater than zero",
+        ));
+    }
+    Ok(d)
+}
+
+fn validate_persistence(
+    ctx: &Ctx,
+    key: &str,
+    raw: &Spanned<RawPersistence>,
+) -> Result<Persistence> {
+    let r = raw.get_ref();
+    let timeout = positive(ctx, &r.timeout, &format!("{key}.persistence.timeout"))?;
+    let netmask = match &r.netmask {
+        None => Ipv4Addr::BROADCAST,
+        Some(m) => {
+            let mkey = format!("{key}.persistence.netmask");
+            let mask = parse_addr(ctx, m, &mkey)?;
+            let bits = u32::from(mask);
+            // Contiguous: ones then zeros (as `ipvsadm -M` requires).
+            if bits.leading_ones() + bits.trailing_zeros() != 32 {
+                return Err(ctx.err(
+                    &m.span(),
+                    mkey,
+                    Kind::BadValue,
+                    format!("{mask} is not a netmask (ones, then zeros)"),
+                ));
+            }
+            mask
+        }
+    };
+    Ok(Persistence {
+        timeout_ms: u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
+        netmask,
+    })
+}
+
+fn validate_shed(ctx: &Ctx, key: &str, raw: &Spanned<RawShed>) -> Result<Shedding> {
+    let r = raw.get_ref();
+    let tkey = format!("{key}.shed.threshold");
+    let t = *r.threshold.get_ref();
+    let threshold = match u32::try_from(t) {
+        Ok(n) if n <= i32::MAX as u32 => n,
+        _ => {
+            return Err(ctx.err(
+                &r.threshold.span(),
+                tkey,
+                Kind::OutOfRange,
+                format!("{t} is out of range 0..=2147483647"),
+            ));
+        }
+    };
+    let strategy = match (*r.strategy.get_ref(), &r.k) {
+        (ShedName::Hard, Some(k)) => {
+            return Err(ctx.err(
+                &k.span(),
+                format!("{key}.shed.k"),
+                Kind::Inconsistent,
+                "k only applies to strategy = \"exponential\"",
+            ));
+        }
+        (ShedName::Hard, None) => {
+            if threshold == 0 {
+                return Err(ctx.err(
+                    &r.threshold.span(),
+                    tkey,
+                    Kind::OutOfRange,
+                    "hard shedding at 0 connections would refuse every flow",
+                ));
+            }
+            Strategy::Hard
+        }
+        (ShedName::Exponential, k) => {
+            let k_value = k.as_ref().map_or(DEFAULT_K, |k| *k.get_ref());
+            if !(k_value.is_finite() && k_value > 0.0 && k_value <= 100.0) {
+                let span = k.as_ref().map_or_else(|| raw.span(), |k| k.span());
+                return Err(ctx.err(
+                    &span,
+                    format!("{key}.shed.k"),
+                    Kind::OutOfRange,
+                    format!("k = {k_value} is out of range (0, 100]"),
+                ));
+            }
+            Strategy::Exponential { k: k_value }
+        }
+    };
+    Ok(Shedding {
+        threshold,
+        strategy,
+    })
+}
+
+fn validate_health(
+    ctx: &Ctx,
+    key: &str,
+    protocol: Protocol,
+    raw: &Spanned<RawHealth>,
+) -> Result<HealthCheck> {
+    let r = raw.get_ref();
+    let hkey = format!("{key}.health");
+    let mut h = HealthCheck::default();
+    let http = *r.check.get_ref() == CheckName::Http;
+    if !http {
+        let http_only: [(&str, Option<Range<usize>>); 3] = [
+            ("path", r.path.as_ref().map(Spanned::span)),
+            ("expect_status", r.expect_status.as_ref().map(Spanned::span)),
+            ("expect_body", r.expect_body.as_ref().map(Spanned::span)),
+        ];
+        if let Some((k, Some(span))) = http_only.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(ctx.err(
+                &span,
+                format!("{hkey}.{k}"),
+                Kind::Inconsistent,
+                format!("{k} only applies to check = \"http\""),
+            ));
+        }
+    } else {
+        let path = r
+            .path
+            .as_ref()
+            .map_or_else(|| "/".to_owned(), |p| p.get_ref().clone());
+        if let Some(p) = &r.path
+            && (!path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ctx.err(
+                &p.span(),
+                format!("{hkey}.path"),
+                Kind::BadValue,
+                format!(
+                    "`{path}` is not a request path: it must start with '/' and have no whitespace"
+                ),
+            ));
+        }
+        let expect_status = match &r.expect_status {
+            None => 200,
+            Some(v) => match u16::try_from(*v.get_ref()) {
+                Ok(s) if (100..=599).contains(&s) => s,
+                _ => {
+                    return Err(ctx.err(
+                        &v.span(),
+                        format!("{hkey}.expect_status"),
+                        Kind::OutOfRange,
+                        format!("{} is not an HTTP status (100..=599)", v.get_ref()),
+                    ));
+                }
+            },
+        };
+        h.probe = Probe::Http {
+            path,
+            expect_status,
+            expect_body: r.expect_body.as_ref().map(|b| b.get_ref().clone()),
+        };
+    }
+    if let Some(p) = &r.port {
+        h.port = Some(check_port(ctx, p, &format!("{hkey}.port"))?);
+    } else if protocol == Protocol::Udp {
+        return Err(ctx.err(
+            &raw.span(),
+            format!("{hkey}.port"),
+            Kind::Inconsistent,
+            "checks are TCP: a udp service's check needs the TCP `port` to check",
+        ));
+    }
+    if let Some(v) = &r.interval {
+        h.interval = positive(ctx, v, &format!("{hkey}.interval"))?;
+    }
+    if let Some(v) = &r.timeout {
+        h.timeout = positive(ctx, v, &format!("{hkey}.timeout"))?;
+    }
+    if h.timeout > h.interval {
+        let span = r
+            .timeout
+            .as_ref()
+            .or(r.interval.as_ref())
+            .map_or_else(|| raw.span(), |v| v.span());
+        return Err(ctx.err(
+            &span,
+            format!("{hkey}.timeout"),
+            Kind::Inconsistent,
+            format!(
+                "timeout {} is longer than interval {}: checks would overlap",
+                humantime::format_duration(h.timeout),
+                humantime::format_duration(h.interval)
+            ),
+        ));
+    }
+    for (name, value, slot) in [
+        ("rise", &r.rise, &mut h.rise),
+        ("fall", &r.fall, &mut h.fall),
+    ] {
+        if let Some(v) = value {
+            match u32::try_from(*v.get_ref()) {
+                Ok(n) if (1..=100).contains(&n) => *slot = n,
+                _ => {
+                    return Err(ctx.err(
+                        &v.span(),
+                        format!("{hkey}.{name}"),
+                        Kind::OutOfRange,
+                        format!("{} is out of range 1..=100", v.get_ref()),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(v) = &r.on_down {
+        h.on_down = *v.get_ref();
+    }
+    Ok(h)
 }
 
 #[cfg(test)]
@@ -1209,7 +1651,7 @@ mod tests {
         for p in Protocol::ALL {
             assert_eq!(p.as_str().parse::<Protocol>(), Ok(p));
         }
-        assert!("lc".parse::<Scheduler>().is_err());
+        assert!("lcx".parse::<Scheduler>().is_err());
     }
 
     #[test]
@@ -1313,7 +1755,7 @@ mod tests {
         let m = refused(
             concat!(
                 node!(),
-                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\nscheduler = \"lc\"\n",
+                "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\nscheduler = \"lcx\"\n",
             ),
             10,
             13,
@@ -1860,6 +2302,486 @@ mod tests {
             8,
             "service[0].backend[0].name",
             Kind::BadValue,
+        );
+    }
+
+    // --- scheduling, persistence, shedding, health ------------------------------
+
+    /// A service at lines 6-9 with `extra` lines from line 10 on, then one
+    /// nat backend.
+    fn with_service_keys(extra: &str) -> String {
+        format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n{extra}[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+            node!()
+        )
+    }
+
+    #[test]
+    fn accepts_every_scheduling_key() {
+        let text = with_service_keys(concat!(
+            "scheduler = \"lrt\"\nmax_conns = 500\n",
+            "[service.persistence]\ntimeout = \"5m\"\nnetmask = \"255.255.255.0\"\n",
+            "[service.shed]\nstrategy = \"exponential\"\nthreshold = 40\nk = 0.5\n",
+            "[service.health]\ncheck = \"http\"\nport = 8081\npath = \"/healthz\"\nexpect_status = 204\n",
+            "expect_body = \"ok\"\ninterval = \"500ms\"\ntimeout = \"200ms\"\nrise = 3\nfall = 4\non_down = \"reset\"\n",
+        ))
+        .replace(
+            "forward = \"nat\"\n",
+            "forward = \"nat\"\nmax_conns = 100\nhigh_water = 80\n[[service.backend]]\nname = \"sorry\"\naddress = \"198.19.0.99\"\nforward = \"nat\"\nsorry = true\n",
+        );
+        let c = Config::parse(&text, "t").expect("valid");
+        let s = &c.services[0];
+        assert_eq!((s.scheduler, s.max_conns), (Scheduler::Lrt, 500));
+        assert_eq!(
+            s.persistence,
+            Some(Persistence {
+                timeout_ms: 300_000,
+                netmask: Ipv4Addr::new(255, 255, 255, 0)
+            })
+        );
+        assert_eq!(
+            s.shedding,
+            Some(Shedding {
+                threshold: 40,
+                strategy: Strategy::Exponential { k: 0.5 }
+            })
+        );
+        let h = s.health.as_ref().expect("health");
+        assert_eq!(
+            h.probe,
+            Probe::Http {
+                path: "/healthz".into(),
+                expect_status: 204,
+                expect_body: Some("ok".into())
+            }
+        );
+        assert_eq!(h.port, Some(8081));
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_millis(500), Duration::from_millis(200))
+        );
+        assert_eq!((h.rise, h.fall, h.on_down), (3, 4, OnDown::Reset));
+        let b = &s.backends;
+        assert_eq!(
+            (b[0].max_conns, b[0].high_water, b[0].sorry),
+            (100, 80, false)
+        );
+        assert_eq!((b[1].max_conns, b[1].sorry), (0, true));
+    }
+
+    #[test]
+    fn scheduling_keys_have_documented_defaults() {
+        let c = Config::parse(
+            &with_service_keys(
+                "[service.persistence]\ntimeout = \"1s\"\n[service.shed]\nstrategy = \"exponential\"\nthreshold = 0\n[service.health]\ncheck = \"http\"\n",
+            ),
+            "t",
+        )
+        .expect("valid");
+        let s = &c.services[0];
+        assert_eq!(s.max_conns, 0);
+        assert_eq!(s.persistence.map(|p| p.netmask), Some(Ipv4Addr::BROADCAST));
+        assert_eq!(
+            s.shedding.map(|x| x.strategy),
+            Some(Strategy::Exponential { k: 0.3 })
+        );
+        let h = s.health.as_ref().expect("health");
+        assert_eq!(
+            h.probe,
+            Probe::Http {
+                path: "/".into(),
+                expect_status: 200,
+                expect_body: None
+            }
+        );
+        assert_eq!(
+            (h.rise, h.fall, h.on_down, h.port),
+            (2, 3, OnDown::Keep, None)
+        );
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(2), Duration::from_secs(1))
+        );
+        assert_eq!((s.backends[0].max_conns, s.backends[0].high_water), (0, 0));
+    }
+
+    #[test]
+    fn rejects_zero_service_max_conns() {
+        refused(
+            &with_service_keys("max_conns = 0\n"),
+            10,
+            13,
+            "service[0].max_conns",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_persistence_timeout() {
+        refused(
+            &with_service_keys("[service.persistence]\ntimeout = \"0s\"\n"),
+            11,
+            11,
+            "service[0].persistence.timeout",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_persistence_without_timeout() {
+        refused(
+            &with_service_keys("[service.persistence]\nnetmask = \"255.255.255.0\"\n"),
+            10,
+            1,
+            "service[0].persistence.timeout",
+            Kind::MissingKey,
+        );
+    }
+
+    #[test]
+    fn rejects_persistence_netmask_that_is_not_an_address() {
+        refused(
+            &with_service_keys("[service.persistence]\ntimeout = \"1m\"\nnetmask = \"/24\"\n"),
+            12,
+            11,
+            "service[0].persistence.netmask",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_non_contiguous_netmask() {
+        refused(
+            &with_service_keys(
+                "[service.persistence]\ntimeout = \"1m\"\nnetmask = \"255.0.255.0\"\n",
+            ),
+            12,
+            11,
+            "service[0].persistence.netmask",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_shed_strategy() {
+        refused(
+            &with_service_keys("[service.shed]\nstrategy = \"random\"\nthreshold = 5\n"),
+            11,
+            12,
+            "service[0].shed.strategy",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_negative_shed_threshold() {
+        refused(
+            &with_service_keys("[service.shed]\nstrategy = \"hard\"\nthreshold = -1\n"),
+            12,
+            13,
+            "service[0].shed.threshold",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_hard_shedding_at_zero() {
+        refused(
+            &with_service_keys("[service.shed]\nstrategy = \"hard\"\nthreshold = 0\n"),
+            12,
+            13,
+            "service[0].shed.threshold",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_k_with_hard_shedding() {
+        refused(
+            &with_service_keys("[service.shed]\nstrategy = \"hard\"\nthreshold = 5\nk = 0.3\n"),
+            13,
+            5,
+            "service[0].shed.k",
+            Kind::Inconsistent,
+        );
+    }
+
+    #[test]
+    fn rejects_non_positive_k() {
+        refused(
+            &with_service_keys(
+                "[service.shed]\nstrategy = \"exponential\"\nthreshold = 5\nk = -0.3\n",
+            ),
+            13,
+            5,
+            "service[0].shed.k",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_infinite_k() {
+        refused(
+            &with_service_keys(
+                "[service.shed]\nstrategy = \"exponential\"\nthreshold = 5\nk = inf\n",
+            ),
+            13,
+            5,
+            "service[0].shed.k",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_health_without_check() {
+        refused(
+            &with_service_keys("[service.health]\ninterval = \"1s\"\n"),
+            10,
+            1,
+            "service[0].health.check",
+            Kind::MissingKey,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_check_kind() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"icmp\"\n"),
+            11,
+            9,
+            "service[0].health.check",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_health_interval() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\ninterval = \"0s\"\n"),
+            12,
+            12,
+            "service[0].health.interval",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_health_timeout() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\ntimeout = \"0ms\"\n"),
+            12,
+            11,
+            "service[0].health.timeout",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_health_timeout_longer_than_interval() {
+        let m = refused(
+            &with_service_keys(
+                "[service.health]\ncheck = \"tcp\"\ninterval = \"1s\"\ntimeout = \"2s\"\n",
+            ),
+            13,
+            11,
+            "service[0].health.timeout",
+            Kind::Inconsistent,
+        );
+        assert!(m.contains("2s") && m.contains("1s"), "{m}");
+    }
+
+    #[test]
+    fn rejects_default_timeout_longer_than_a_short_interval() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\n"),
+            12,
+            12,
+            "service[0].health.timeout",
+            Kind::Inconsistent,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_rise() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\nrise = 0\n"),
+            12,
+            8,
+            "service[0].health.rise",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_fall_above_100() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\nfall = 101\n"),
+            12,
+            8,
+            "service[0].health.fall",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_http_keys_on_a_tcp_check() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\npath = \"/\"\n"),
+            12,
+            8,
+            "service[0].health.path",
+            Kind::Inconsistent,
+        );
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\nexpect_body = \"ok\"\n"),
+            12,
+            15,
+            "service[0].health.expect_body",
+            Kind::Inconsistent,
+        );
+    }
+
+    #[test]
+    fn rejects_relative_health_path() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"http\"\npath = \"health\"\n"),
+            12,
+            8,
+            "service[0].health.path",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_expect_status_outside_http_range() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"http\"\nexpect_status = 99\n"),
+            12,
+            17,
+            "service[0].health.expect_status",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_health_port_zero() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\nport = 0\n"),
+            12,
+            8,
+            "service[0].health.port",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_on_down() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\non_down = \"drop\"\n"),
+            12,
+            11,
+            "service[0].health.on_down",
+            Kind::WrongType,
+        );
+    }
+
+    #[test]
+    fn rejects_udp_health_check_without_port() {
+        refused(
+            &with_service_keys("protocol = \"udp\"\n[service.health]\ncheck = \"tcp\"\n"),
+            11,
+            1,
+            "service[0].health.port",
+            Kind::Inconsistent,
+        );
+    }
+
+    #[test]
+    fn rejects_lrt_without_health_checks() {
+        refused(
+            &with_service_keys("scheduler = \"lrt\"\n"),
+            10,
+            13,
+            "service[0].scheduler",
+            Kind::Inconsistent,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_backend_max_conns() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\nmax_conns = 0\n",
+            ),
+            13,
+            13,
+            "service[0].backend[0].max_conns",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_backend_max_conns_above_i32() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\nmax_conns = 2147483648\n",
+            ),
+            13,
+            13,
+            "service[0].backend[0].max_conns",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_high_water_above_max_conns() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\nmax_conns = 10\nhigh_water = 11\n",
+            ),
+            14,
+            14,
+            "service[0].backend[0].high_water",
+            Kind::Inconsistent,
+        );
+    }
+
+    #[test]
+    fn rejects_second_sorry_backend() {
+        refused(
+            &with_backends(concat!(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+                "[[service.backend]]\naddress = \"198.19.0.22\"\nforward = \"nat\"\nsorry = true\n",
+                "[[service.backend]]\naddress = \"198.19.0.23\"\nforward = \"nat\"\nsorry = true\n",
+            )),
+            20,
+            9,
+            "service[0].backend[2].sorry",
+            Kind::SecondSorryBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_service_with_only_a_sorry_backend() {
+        refused(
+            &with_backends(
+                "[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"nat\"\nsorry = true\n",
+            ),
+            6,
+            1,
+            "service[0].backend",
+            Kind::NoRegularBackend,
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_key_in_health() {
+        refused(
+            &with_service_keys("[service.health]\ncheck = \"tcp\"\nretries = 3\n"),
+            12,
+            1,
+            "service[0].health.retries",
+            Kind::UnknownKey,
         );
     }
 }

@@ -121,26 +121,9 @@ pub enum Dir {
     FromBackend,
 }
 
-/// The TCP flags byte (byte 13 of the TCP header), as received.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct TcpFlags(pub u8);
-
-impl TcpFlags {
-    pub const FIN: TcpFlags = TcpFlags(0x01);
-    pub const SYN: TcpFlags = TcpFlags(0x02);
-    pub const RST: TcpFlags = TcpFlags(0x04);
-    pub const PSH: TcpFlags = TcpFlags(0x08);
-    pub const ACK: TcpFlags = TcpFlags(0x10);
-    pub const SYN_ACK: TcpFlags = TcpFlags(0x12);
-    pub const FIN_ACK: TcpFlags = TcpFlags(0x11);
-    pub const RST_ACK: TcpFlags = TcpFlags(0x14);
-    /// For UDP and other protocols, or a TCP segment with no flag we act on.
-    pub const NONE: TcpFlags = TcpFlags(0);
-
-    pub const fn contains(self, other: TcpFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
-}
+/// The TCP flags byte (byte 13 of the TCP header), as received: the
+/// packet views' type, so the dataplane hands it over as parsed.
+pub use rewrite::tcp::TcpFlags;
 
 /// What a TCP segment means to the state machine. Precedence, as in IPVS's
 /// `tcp_state_idx()`: RST, then SYN, then FIN, then ACK; we split SYN into a

@@ -40,6 +40,20 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Request {
     /// Every counter: answered by a [`StatusSnapshot`].
     Status,
+    /// Weight 0 for the backends named `backend` (of `service`, or of every
+    /// service): no new flows, existing ones finish. Answered by
+    /// [`Response::Changed`].
+    Drain {
+        backend: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+    },
+    /// The configured weight again.
+    Undrain {
+        backend: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+    },
 }
 
 /// A response line: the command's payload, or `{"error":"..."}`.
@@ -53,13 +67,30 @@ pub enum Response {
         error: String,
     },
     Status(Box<StatusSnapshot>),
+    /// The `service/backend` names a drain or undrain changed.
+    Changed {
+        changed: Vec<String>,
+    },
 }
 
 /// What the server needs to answer requests.
 fn handle(request: Request, stats: &Stats) -> Response {
-    match request {
-        Request::Status => Response::Status(Box::new(stats.snapshot())),
+    let (backend, service, drain) = match request {
+        Request::Status => return Response::Status(Box::new(stats.snapshot())),
+        Request::Drain { backend, service } => (backend, service, true),
+        Request::Undrain { backend, service } => (backend, service, false),
+    };
+    let changed = stats.drain(service.as_deref(), &backend, drain);
+    if changed.is_empty() {
+        return Response::Error {
+            error: match service {
+                Some(s) => format!("no backend `{backend}` in service `{s}`"),
+                None => format!("no backend `{backend}` in any service"),
+            },
+        };
     }
+    tracing::info!(?changed, drain, "weights changed over the control socket");
+    Response::Changed { changed }
 }
 
 /// A bound control socket: bind first (so that `run` fails early on a busy
@@ -255,11 +286,38 @@ pub fn request(path: impl AsRef<Path>, request: &Request, timeout: Duration) -> 
     })
 }
 
+/// `{"cmd":"drain"}` or `{"cmd":"undrain"}`: the `service/backend` names
+/// whose weight changed.
+pub fn drain(
+    path: impl AsRef<Path>,
+    service: Option<&str>,
+    backend: &str,
+    drain: bool,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let (backend, service) = (backend.to_owned(), service.map(str::to_owned));
+    let req = if drain {
+        Request::Drain { backend, service }
+    } else {
+        Request::Undrain { backend, service }
+    };
+    match request(path, &req, timeout)? {
+        Response::Changed { changed } => Ok(changed),
+        Response::Error { error } => Err(Error::ControlRefused { message: error }),
+        Response::Status(_) => Err(Error::ControlProtocol {
+            message: "a status where a drain answer was expected".to_owned(),
+        }),
+    }
+}
+
 /// `{"cmd":"status"}`: the node's counters.
 pub fn status(path: impl AsRef<Path>, timeout: Duration) -> Result<StatusSnapshot> {
     match request(path, &Request::Status, timeout)? {
         Response::Status(snapshot) => Ok(*snapshot),
         Response::Error { error } => Err(Error::ControlRefused { message: error }),
+        Response::Changed { .. } => Err(Error::ControlProtocol {
+            message: "a drain answer where a status was expected".to_owned(),
+        }),
     }
 }
 
@@ -278,6 +336,70 @@ mod tests {
             Request::Status
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"drain","backend":"rs2"}"#).expect("parses"),
+            Request::Drain {
+                backend: "rs2".into(),
+                service: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Undrain {
+                backend: "rs2".into(),
+                service: Some("web".into())
+            })
+            .expect("json"),
+            r#"{"cmd":"undrain","backend":"rs2","service":"web"}"#
+        );
+    }
+
+    #[test]
+    fn drain_sets_weight_zero_and_undrain_restores_the_configured_one() {
+        let text = concat!(
+            "[node]\nname = \"lb1\"\nfront = \"f\"\nback = \"b\"\nback_gateway = \"198.19.0.1/24\"\n",
+            "[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n",
+            "[[service.backend]]\nname = \"rs1\"\naddress = \"198.19.0.21\"\nweight = 3\nforward = \"nat\"\n",
+            "[[service]]\nname = \"dns\"\nvip = \"198.18.0.100\"\nport = 53\nprotocol = \"udp\"\n",
+            "[[service.backend]]\nname = \"rs1\"\naddress = \"198.19.0.21\"\nforward = \"nat\"\n",
+        );
+        let stats = Stats::new(&crate::Config::parse(text, "t").expect("valid"));
+        let weight = |s: usize| stats.snapshot().services[s].backends[0].weight;
+        let drain = |backend: &str, service: Option<&str>, drain: bool| {
+            handle(
+                if drain {
+                    Request::Drain {
+                        backend: backend.into(),
+                        service: service.map(Into::into),
+                    }
+                } else {
+                    Request::Undrain {
+                        backend: backend.into(),
+                        service: service.map(Into::into),
+                    }
+                },
+                &stats,
+            )
+        };
+        assert_eq!(
+            drain("rs1", Some("web"), true),
+            Response::Changed {
+                changed: vec!["web/rs1".into()]
+            }
+        );
+        assert_eq!((weight(0), weight(1)), (0, 1));
+        assert_eq!(
+            drain("rs1", None, true),
+            Response::Changed {
+                changed: vec!["web/rs1".into(), "dns/rs1".into()]
+            }
+        );
+        assert_eq!((weight(0), weight(1)), (0, 0));
+        drain("rs1", None, false);
+        assert_eq!((weight(0), weight(1)), (3, 1));
+        assert!(matches!(drain("rs9", None, true), Response::Error { .. }));
+        let line = serde_json::to_string(&drain("rs1", Some("dns"), true)).expect("json");
+        let back: Response = serde_json::from_str(&line).expect("parses");
+        assert!(matches!(back, Response::Changed { .. }), "{line}");
     }
 
     #[test]

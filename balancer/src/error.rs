@@ -131,6 +131,13 @@ pub enum ConfigErrorKind {
     VipInBackSubnet,
     /// A dr or local backend port different from the service port.
     PortMismatch,
+    /// Keys that contradict each other (a setting for another mode, a
+    /// timeout longer than its interval, a mark above its limit).
+    Inconsistent,
+    /// More than one sorry server in a service.
+    SecondSorryBackend,
+    /// Every backend of a service is a sorry server.
+    NoRegularBackend,
 }
 
 /// A config error located in the file: renders as

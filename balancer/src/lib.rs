@@ -6,10 +6,13 @@ pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod error;
+pub mod health;
 pub mod node;
 pub mod peers;
+pub mod persist;
 pub mod sched;
 pub mod setup;
+pub mod shed;
 pub mod stats;
 pub mod sync;
 

@@ -51,6 +51,31 @@ pub fn interface_mac(ifname: &str) -> io::Result<MacAddr> {
     })
 }
 
+/// The IPv4 subnet of `addr` on a local interface.
+pub fn interface_net(ifname: &str, addr: std::net::Ipv4Addr) -> Option<ipnet::Ipv4Net> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    addrs
+        .filter(|a| a.interface_name == ifname)
+        .filter(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v| v.ip())) == Some(addr))
+        .find_map(|a| a.netmask.and_then(|m| m.as_sockaddr_in().map(|v| v.ip())))
+        .and_then(|mask| ipnet::Ipv4Net::with_netmask(addr, mask).ok())
+        .map(|n| n.trunc())
+}
+
+/// The default router on a local interface, from `/proc/net/route`.
+pub fn default_router(ifname: &str) -> Option<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 2 && f[0] == ifname && f[1] == "00000000" {
+            let gw = u32::from_str_radix(f[2], 16).ok()?;
+            (gw != 0).then(|| std::net::Ipv4Addr::from(gw.to_le_bytes()))
+        } else {
+            None
+        }
+    })
+}
+
 /// The IPv4 addresses on a local interface.
 pub fn interface_addrs(ifname: &str) -> io::Result<Vec<Ipv4Addr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
@@ -88,16 +113,29 @@ const BATCH: usize = 256;
 
 /// The dataplane thread: poll both RX rings, hand frames to the engine,
 /// flush TX once per round, run housekeeping on its interval.
-fn dataplane_loop(
-    mut engine: Engine,
-    mut front_rx: RxRing,
-    mut back_rx: RxRing,
-    mut front_tx: TxRing,
-    mut back_tx: TxRing,
+/// What the dataplane thread owns.
+struct Dataplane {
+    engine: Engine,
+    front_rx: RxRing,
+    back_rx: RxRing,
+    front_tx: TxRing,
+    back_tx: TxRing,
     tun: Option<Tun>,
     housekeeping: Duration,
-    stop: Arc<AtomicBool>,
-) {
+    stats: Arc<Stats>,
+}
+
+fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
+    let Dataplane {
+        mut engine,
+        mut front_rx,
+        mut back_rx,
+        mut front_tx,
+        mut back_tx,
+        tun,
+        housekeeping,
+        stats,
+    } = dp;
     let t0 = Instant::now();
     let hk_ms = housekeeping.as_millis().max(1) as u64;
     let mut next_hk = 0u64;
@@ -121,6 +159,12 @@ fn dataplane_loop(
         };
         if now_ms >= next_hk {
             engine.housekeeping(now_ms, &mut sinks);
+            let lost = front_rx.take_drops() + back_rx.take_drops();
+            if lost > 0 {
+                stats
+                    .drop_counter(crate::stats::DropReason::RxRingFull)
+                    .fetch_add(lost, Ordering::Relaxed);
+            }
             next_hk = now_ms + hk_ms;
         }
         let mut n =
@@ -186,28 +230,34 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         (Some(_), Some(a)) => *a,
         _ => node.back_gateway.addr(),
     };
+    // The node's own front address (not a VIP): source of its ARP requests
+    // on the front and of connection sync.
+    let vips = config.vips();
+    let front_addr = interface_addrs(&node.front)
+        .map_err(io_err(format!("addresses of {}", node.front)))?
+        .into_iter()
+        .find(|a| !vips.contains(a));
     let ifs = Interfaces {
+        front_addr: front_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        front_net: front_addr.and_then(|a| interface_net(&node.front, a)),
+        front_router: default_router(&node.front),
         front_mac,
         back_mac,
         back_addr,
         answer_mac: front_mac,
     };
     let stats = Arc::new(Stats::new(config));
-    let mut engine = Engine::new(config, ifs, back_local, stats.clone())?;
+    let mut engine =
+        Engine::new(config, ifs, back_local, stats.clone())?.with_seed(crate::sched::random_seed());
     let peers = match &config.cluster {
         Some(c) => {
             let mut p = crate::peers::Peers::start(config, c)?;
             engine = engine.with_cluster(p.shared.clone());
             if let Some((commands, ready)) = p.take_dataplane_ends() {
-                let vips = config.vips();
-                let front_addr = interface_addrs(&node.front)
-                    .map_err(io_err(format!("addresses of {}", node.front)))?
-                    .into_iter()
-                    .find(|a| !vips.contains(a))
-                    .ok_or_else(|| NodeError::Io {
-                        what: format!("front NIC {}", node.front),
-                        source: io::Error::other("has no address of its own for connection sync"),
-                    })?;
+                let front_addr = front_addr.ok_or_else(|| NodeError::Io {
+                    what: format!("front NIC {}", node.front),
+                    source: io::Error::other("has no address of its own for connection sync"),
+                })?;
                 let sync = crate::dataplane::syncio::SyncIo::open(
                     p.me(),
                     p.universe(),
@@ -230,7 +280,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         RxRing::open(&node.front, 4096).map_err(io_err(format!("RX ring on {}", node.front)))?;
     if let Some(c) = &config.cluster {
         front_rx
-            .add_multicast(&node.front, c.cluster_mac.0)
+            .add_membership(&node.front, c.cluster_mac.0)
             .map_err(io_err(format!("cluster MAC on {}", node.front)))?;
     }
     let back_rx =
@@ -243,12 +293,21 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let stop = Arc::new(AtomicBool::new(false));
     let hk = config.conntrack.expire_interval;
     let dp_stop = stop.clone();
+    let dp_stats = stats.clone();
     let dp = std::thread::Builder::new()
         .name("dataplane".into())
         .spawn(move || {
-            dataplane_loop(
-                engine, front_rx, back_rx, front_tx, back_tx, tun, hk, dp_stop,
-            )
+            let dp = Dataplane {
+                engine,
+                front_rx,
+                back_rx,
+                front_tx,
+                back_tx,
+                tun,
+                housekeeping: hk,
+                stats: dp_stats,
+            };
+            dataplane_loop(dp, dp_stop)
         })
         .map_err(io_err("spawning the dataplane thread"))?;
     tracing::info!(node = %node.name, front = %node.front, back = %node.back, services = config.services.len(), "dataplane running");
@@ -262,6 +321,16 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let served = rt.block_on(async {
         if let Some(p) = peers {
             tokio::spawn(p.run());
+        }
+        // Health checks run on this (control-plane) runtime and publish to
+        // `stats`; the dataplane reads them on its housekeeping tick.
+        let targets = crate::health::targets(config);
+        if !targets.is_empty() {
+            tokio::spawn(crate::health::run(
+                targets,
+                stats.clone(),
+                std::future::pending::<()>(),
+            ));
         }
         let server = crate::control::ControlServer::bind(&node.control_socket)?;
         let shutdown = async {

@@ -95,10 +95,26 @@ pub fn view_of(
         .map(|(id, weight, owns)| Node::new(id, weight, owns))
         .collect();
     let table = BucketTable::build(params, &nodes, version)?;
+    let peer_addrs = status
+        .members
+        .iter()
+        .filter(|m| m.alive)
+        .filter_map(|m| m.addr.map(|a| (m.node_id, a)))
+        .collect();
+    let held = status
+        .instances
+        .iter()
+        .filter(|i| i.state == State::Master)
+        .flat_map(|i| i.addresses.iter().copied())
+        .collect();
     Ok(ClusterView {
         me,
         mac_holder,
+        gateways: cluster.gateways.clone(),
+        held,
         answer_mac: cluster.cluster_mac,
+        director: cluster.mode == crate::config::ClusterMode::Director,
+        peer_addrs,
         table,
         live,
         version,
@@ -292,10 +308,18 @@ impl Peers {
             let holder = st
                 .instance(&self.cluster.front_instance)
                 .is_some_and(|i| i.state == State::Master);
+            let addrs: Vec<_> = st.members.iter().map(|m| (m.node_id, m.addr)).collect();
+            let held: Vec<_> = st
+                .instances
+                .iter()
+                .map(|i| i.state == State::Master)
+                .collect();
             let now = (
                 owners(&st, &self.universe, me_owns),
                 st.live.clone(),
                 holder,
+                addrs,
+                held,
             );
             if last.as_ref() != Some(&now) {
                 version += 1;

@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Forward, Protocol};
+use crate::health::BackendHealth;
+
+fn yes() -> bool {
+    true
+}
 
 /// Why the dataplane dropped a frame. Every dropped frame bumps exactly one
 /// of these. To add a reason: a variant (before `OtherProto` is fine,
@@ -56,11 +61,18 @@ pub enum DropReason {
     OtherProto,
     /// An impossible TCP flag combination (SYN+FIN, SYN+RST, none).
     BadTcpFlags,
+    /// A new flow refused by load shedding (TCP: answered with a RST).
+    Shed,
+    /// A new flow refused at the service's connection limit (TCP: RST).
+    ConnLimit,
+    /// The kernel found the receive ring full (the dataplane fell behind);
+    /// read from PACKET_STATISTICS.
+    RxRingFull,
 }
 
 impl DropReason {
     /// Every reason, in display order; `ALL[r.index()] == r`.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Runt,
         DropReason::Truncated,
         DropReason::NotIpv4,
@@ -80,6 +92,9 @@ impl DropReason {
         DropReason::TxFull,
         DropReason::OtherProto,
         DropReason::BadTcpFlags,
+        DropReason::Shed,
+        DropReason::ConnLimit,
+        DropReason::RxRingFull,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -104,6 +119,9 @@ impl DropReason {
             DropReason::TxFull => "tx_full",
             DropReason::OtherProto => "other_proto",
             DropReason::BadTcpFlags => "bad_tcp_flags",
+            DropReason::Shed => "shed",
+            DropReason::ConnLimit => "conn_limit",
+            DropReason::RxRingFull => "rx_ring_full",
         }
     }
 
@@ -239,8 +257,14 @@ fn dec(gauge: &AtomicU64) {
 #[derive(Debug)]
 pub struct BackendStats {
     pub counters: Counters,
-    /// The weight in use: the config's, later changed by feedback/reload.
+    /// The weight in use: the config's, later changed by feedback, reload
+    /// or `balancer drain` (0). The dataplane reads it on its housekeeping
+    /// tick.
     pub weight: AtomicU32,
+    /// Health as the checker last published it (up when unchecked).
+    pub health: BackendHealth,
+    /// The weight in the config, which `balancer undrain` restores.
+    configured_weight: u32,
     name: String,
     address: Option<Ipv4Addr>,
     port: u16,
@@ -257,6 +281,14 @@ pub struct ServiceStats {
     pub no_backend: AtomicU64,
     /// New flows refused because the connection table was full.
     pub conn_table_full: AtomicU64,
+    /// New flows refused by load shedding.
+    pub shed: AtomicU64,
+    /// New flows refused at the service's `max_conns`.
+    pub conn_limit: AtomicU64,
+    /// TCP resets the dataplane sent for refused or reset flows.
+    pub resets_sent: AtomicU64,
+    /// Gauge: live persistence entries (published about once a second).
+    pub persistent: AtomicU64,
     backends: Box<[BackendStats]>,
     name: String,
     vip: Ipv4Addr,
@@ -292,6 +324,9 @@ pub struct Stats {
     nic_names: [String; 3],
     /// ARP replies for the VIPs sent by the dataplane.
     pub arp_replies: AtomicU64,
+    /// Director mode: client frames the MAC holder passed to the node
+    /// owning their flow.
+    pub passed: AtomicU64,
     node: String,
 }
 
@@ -306,12 +341,18 @@ impl Stats {
                 counters: Counters::default(),
                 no_backend: AtomicU64::new(0),
                 conn_table_full: AtomicU64::new(0),
+                shed: AtomicU64::new(0),
+                conn_limit: AtomicU64::new(0),
+                resets_sent: AtomicU64::new(0),
+                persistent: AtomicU64::new(0),
                 backends: s
                     .backends
                     .iter()
                     .map(|b| BackendStats {
                         counters: Counters::default(),
                         weight: AtomicU32::new(u32::from(b.weight)),
+                        health: BackendHealth::default(),
+                        configured_weight: u32::from(b.weight),
                         name: b.name.clone(),
                         address: b.address,
                         port: b.port,
@@ -335,6 +376,7 @@ impl Stats {
                 config.node.local_tun.clone(),
             ],
             arp_replies: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
             node: config.node.name.clone(),
         }
     }
@@ -414,12 +456,51 @@ impl Stats {
         self.record_drop(DropReason::NoBackend);
     }
 
+    /// A new flow for service `svc` was refused by shedding.
+    #[inline]
+    pub fn record_shed(&self, svc: usize) {
+        self.services[svc].shed.fetch_add(1, Relaxed);
+        self.record_drop(DropReason::Shed);
+    }
+
+    /// A new flow for service `svc` was refused at its connection limit.
+    #[inline]
+    pub fn record_conn_limit(&self, svc: usize) {
+        self.services[svc].conn_limit.fetch_add(1, Relaxed);
+        self.record_drop(DropReason::ConnLimit);
+    }
+
+    /// A TCP reset was sent for a flow of service `svc`.
+    #[inline]
+    pub fn record_reset(&self, svc: usize) {
+        self.services[svc].resets_sent.fetch_add(1, Relaxed);
+    }
+
     /// A new flow for service `svc` found the connection table full: bumps
     /// the service's `conn_table_full` and the `table_full` drop reason.
     #[inline]
     pub fn record_table_full(&self, svc: usize) {
         self.services[svc].conn_table_full.fetch_add(1, Relaxed);
         self.record_drop(DropReason::TableFull);
+    }
+
+    /// `balancer drain` (`drain = true`: weight 0, no new flows, existing
+    /// ones finish) or `undrain` (the configured weight again) of the
+    /// backends named `backend`, in `service` or in every service. Returns
+    /// the `service/backend` names changed; empty if none matched.
+    pub fn drain(&self, service: Option<&str>, backend: &str, drain: bool) -> Vec<String> {
+        let mut changed = Vec::new();
+        for s in self.services.iter() {
+            if service.is_some_and(|n| n != s.name) {
+                continue;
+            }
+            for b in s.backends.iter().filter(|b| b.name == backend) {
+                let w = if drain { 0 } else { b.configured_weight };
+                b.weight.store(w, Relaxed);
+                changed.push(format!("{}/{}", s.name, b.name));
+            }
+        }
+        changed
     }
 
     /// The control-socket payload: every counter with the names and
@@ -439,6 +520,10 @@ impl Stats {
                     counters: s.counters.snapshot(),
                     no_backend: s.no_backend.load(Relaxed),
                     conn_table_full: s.conn_table_full.load(Relaxed),
+                    shed: s.shed.load(Relaxed),
+                    conn_limit: s.conn_limit.load(Relaxed),
+                    resets_sent: s.resets_sent.load(Relaxed),
+                    persistent: s.persistent.load(Relaxed),
                     backends: s
                         .backends
                         .iter()
@@ -448,6 +533,8 @@ impl Stats {
                             port: b.port,
                             weight: b.weight.load(Relaxed),
                             forward: b.forward,
+                            up: b.health.is_up(),
+                            rtt_us: b.health.rtt_us(),
                             counters: b.counters.snapshot(),
                         })
                         .collect(),
@@ -470,6 +557,7 @@ impl Stats {
                 })
                 .collect(),
             arp_replies: self.arp_replies.load(Relaxed),
+            passed: self.passed.load(Relaxed),
         }
     }
 }
@@ -544,14 +632,29 @@ impl StatusSnapshot {
                     b.weight
                 )?;
                 counters(out, &b.counters)?;
-                writeln!(out, "  {}", b.name)?;
+                write!(out, "  {}", b.name)?;
+                if !b.up {
+                    write!(out, " [down]")?;
+                }
+                if b.rtt_us != 0 {
+                    write!(out, " rtt {:.1}ms", f64::from(b.rtt_us) / 1000.0)?;
+                }
+                writeln!(out)?;
             }
-            if all_drops || s.no_backend != 0 || s.conn_table_full != 0 {
+            if all_drops
+                || s.no_backend != 0
+                || s.conn_table_full != 0
+                || s.shed != 0
+                || s.conn_limit != 0
+            {
                 writeln!(
                     out,
-                    "  refused new flows: no_backend {}, conn_table_full {}",
-                    s.no_backend, s.conn_table_full
+                    "  refused new flows: no_backend {}, conn_table_full {}, shed {}, conn_limit {}; resets sent {}",
+                    s.no_backend, s.conn_table_full, s.shed, s.conn_limit, s.resets_sent
                 )?;
+            }
+            if s.persistent != 0 {
+                writeln!(out, "  persistent clients: {}", s.persistent)?;
             }
         }
         writeln!(out)?;
@@ -606,6 +709,9 @@ pub struct StatusSnapshot {
     pub drops: Vec<DropCount>,
     pub nics: Vec<NicSnapshot>,
     pub arp_replies: u64,
+    /// Director mode: frames passed to the owning node.
+    #[serde(default)]
+    pub passed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -619,6 +725,15 @@ pub struct ServiceSnapshot {
     pub counters: CounterSnapshot,
     pub no_backend: u64,
     pub conn_table_full: u64,
+    #[serde(default)]
+    pub shed: u64,
+    #[serde(default)]
+    pub conn_limit: u64,
+    #[serde(default)]
+    pub resets_sent: u64,
+    /// Live persistence entries.
+    #[serde(default)]
+    pub persistent: u64,
     pub backends: Vec<BackendSnapshot>,
 }
 
@@ -630,6 +745,12 @@ pub struct BackendSnapshot {
     pub port: u16,
     pub weight: u32,
     pub forward: Forward,
+    /// Health checks pass (true when none are configured).
+    #[serde(default = "yes")]
+    pub up: bool,
+    /// Health-check RTT average in microseconds; 0 = not measured.
+    #[serde(default)]
+    pub rtt_us: u32,
     #[serde(flatten)]
     pub counters: CounterSnapshot,
 }

@@ -222,6 +222,9 @@ fn ifs() -> Interfaces {
         back_mac: BACK_MAC,
         back_addr: LB_BACK,
         answer_mac: ANSWER_MAC,
+        front_addr: Ipv4Addr::new(198, 18, 0, 11),
+        front_net: None,
+        front_router: None,
     }
 }
 
@@ -1095,10 +1098,110 @@ fn every_frame_drop_reason_has_a_golden_case() {
         })
         .collect();
     for r in DropReason::ALL {
-        if matches!(r, DropReason::NotOurBucket | DropReason::TxFull) {
+        // Shed and ConnLimit frames are answered with a reset, not dropped
+        // silently: `shedding_and_limits_answer_a_syn_with_a_reset`.
+        // RxRingFull is counted by the kernel, not decided per frame;
+        // NotOurBucket needs a cluster view (netns-tests/tests/cluster.rs).
+        if matches!(
+            r,
+            DropReason::NotOurBucket
+                | DropReason::TxFull
+                | DropReason::Shed
+                | DropReason::ConnLimit
+                | DropReason::RxRingFull
+        ) {
             continue;
         }
         assert!(covered.contains(&r), "no golden case drops for {r}");
+    }
+}
+
+/// A service with hard shedding at 1 connection (tcp/85) and one with
+/// `max_conns = 1` (tcp/86): the first SYN of each is forwarded, the second
+/// answered at once with a RST+ACK from VIP:port to the client (from the
+/// node's front MAC), counted as `shed` / `conn_limit` on the service and
+/// as drops.
+#[test]
+fn shedding_and_limits_answer_a_syn_with_a_reset() {
+    let text = config_text()
+        + r#"
+[[service]]
+name = "shed"
+vip = "198.18.0.100"
+port = 85
+[service.shed]
+strategy = "hard"
+threshold = 1
+[[service.backend]]
+name = "rs1"
+address = "198.19.0.21"
+forward = "nat"
+
+[[service]]
+name = "limited"
+vip = "198.18.0.100"
+port = 86
+max_conns = 1
+[[service.backend]]
+name = "rs1"
+address = "198.19.0.21"
+forward = "nat"
+"#;
+    let cfg = Config::parse(&text, "engine-test.toml").expect("valid");
+    let stats = Arc::new(Stats::new(&cfg));
+    let mut engine = Engine::new(&cfg, ifs(), vec![LB_BACK], stats.clone()).expect("engine");
+    let mut out = Recorder::default();
+    let mut f = arp_reply_from(RS1, RS1_MAC);
+    let m = meta(&f);
+    engine.on_back(&mut f, m, 0, &mut out);
+    for (svc, port, reason) in [(6, 85, DropReason::Shed), (7, 86, DropReason::ConnLimit)] {
+        let first = FrameBuilder::tcp(sa(CLIENT, 40_000), sa(VIP, port))
+            .macs(CLIENT_MAC, ANSWER_MAC)
+            .flags(syn())
+            .seq_ack(1000, 0)
+            .build();
+        let mut g = first.clone();
+        engine.on_front(&mut g, meta(&first), 1, &mut out);
+        assert_eq!(
+            (out.back.len(), out.front.len()),
+            (1, 0),
+            "first SYN forwarded"
+        );
+        out.clear();
+        let second = FrameBuilder::tcp(sa(CLIENT, 40_001), sa(VIP, port))
+            .macs(CLIENT_MAC, ANSWER_MAC)
+            .flags(syn())
+            .seq_ack(5000, 0)
+            .build();
+        let mut g = second.clone();
+        engine.on_front(&mut g, meta(&second), 2, &mut out);
+        assert_eq!(
+            (out.back.len(), out.front.len()),
+            (0, 1),
+            "{reason}: a reset, no forward"
+        );
+        let rst = out.front[0].clone();
+        let p = SlicedPacket::from_ethernet(&rst).expect("parses");
+        let Some(TransportSlice::Tcp(t)) = p.transport else {
+            panic!("not TCP")
+        };
+        assert!(t.rst() && t.ack() && !t.syn());
+        assert_eq!((t.source_port(), t.destination_port()), (port, 40_001));
+        assert_eq!((t.sequence_number(), t.acknowledgment_number()), (0, 5001));
+        assert_eq!(&rst[0..6], &CLIENT_MAC.0);
+        assert_eq!(&rst[6..12], &FRONT_MAC.0);
+        out.clear();
+        let snap = stats.snapshot();
+        let s = &snap.services[svc];
+        assert_eq!(
+            (s.shed, s.conn_limit, s.resets_sent),
+            if reason == DropReason::Shed {
+                (1, 0, 1)
+            } else {
+                (0, 1, 1)
+            }
+        );
+        assert_eq!(stats.drop_counter(reason).load(Relaxed), 1);
     }
 }
 
@@ -1349,10 +1452,9 @@ fn l4_checksum_ok(ip: &[u8]) -> Option<bool> {
     let same = |a: u16, b: u16| a == b || (a | b == 0xffff && (a == 0 || b == 0));
     match &sp.transport {
         Some(TransportSlice::Tcp(t)) => {
-            let want = t
-                .to_header()
-                .calc_checksum_ipv4_raw(s, d, t.payload())
-                .ok()?;
+            // Over the raw bytes: a header rebuilt from its fields would lose
+            // the reserved bits a mutated frame may carry.
+            let want = t.calc_checksum_ipv4(s, d).ok()?;
             Some(same(want, t.checksum()))
         }
         Some(TransportSlice::Udp(u)) => {

@@ -236,6 +236,9 @@ pub struct Member {
     #[serde(skip)]
     pub last_seen: Option<Duration>,
     pub accepted: u64,
+    /// Source address of the last accepted heartbeat (director mode passes
+    /// flows to a node at this address's MAC).
+    pub addr: Option<std::net::Ipv4Addr>,
 }
 
 /// A change in the live set.
@@ -271,6 +274,7 @@ impl Membership {
                         last: None,
                         last_seen: None,
                         accepted: 0,
+                        addr: None,
                     },
                 )
             })
@@ -356,6 +360,13 @@ impl Membership {
                 m.last_seen.map(|t| t + iv * self.dead_after)
             })
             .min()
+    }
+
+    /// Records where a member's accepted heartbeat came from.
+    pub fn note_addr(&mut self, node_id: u32, addr: std::net::Ipv4Addr) {
+        if let Some(m) = self.members.get_mut(&node_id) {
+            m.addr = Some(addr);
+        }
     }
 
     pub fn members(&self) -> impl Iterator<Item = &Member> {

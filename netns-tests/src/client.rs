@@ -43,6 +43,18 @@ impl HttpConn {
         })
     }
 
+    /// A connection made elsewhere (for example bound to a chosen source
+    /// address first).
+    pub fn from_stream(stream: TcpStream, timeout: Duration) -> Result<HttpConn> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConn {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+        })
+    }
+
     /// The local address of this connection (client ip:port).
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.stream.local_addr()?)

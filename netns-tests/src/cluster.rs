@@ -23,6 +23,8 @@ use crate::single::{CLIENT, VIP, wait_listening};
 use crate::topo::{Host, Proc, Testbed, wait_until, workspace_bin};
 
 pub const CLUSTER_MAC: &str = "01:00:5e:7f:00:64";
+/// Director mode: the VRRP virtual MAC of the front instance (VRID 51).
+pub const DIRECTOR_MAC: &str = "00:00:5e:00:01:33";
 pub const KEY: &str = "drill-shared-key-0123456789abcdef";
 
 pub fn node_front(k: usize) -> Ipv4Addr {
@@ -47,6 +49,8 @@ pub struct ClusterBed {
     /// Real servers; server i belongs to node `i % nodes + 1`.
     pub rs: Vec<Host>,
     pub advert: String,
+    /// Director mode instead of multicast mode (set before writing configs).
+    pub director: bool,
 }
 
 fn wire_like(h: &Host, ifname: &str) -> Result<()> {
@@ -96,6 +100,7 @@ impl ClusterBed {
             nodes: hosts,
             rs,
             advert: advert.to_string(),
+            director: false,
         })
     }
 
@@ -109,17 +114,35 @@ impl ClusterBed {
 
     /// Node k's heartbeat config: front instance (lb1 highest), one back
     /// gateway instance per node (its own highest), membership.
+    /// `[cluster.gateways]`: each node's sub-cluster gateway.
+    fn gateways_toml(&self) -> String {
+        let mut t = String::from("\n[cluster.gateways]\n");
+        for k in 1..=self.nodes.len() {
+            t += &format!("\"{k}\" = \"{}\"\n", gateway(k));
+        }
+        t
+    }
+
+    fn mac(&self) -> &'static str {
+        if self.director {
+            DIRECTOR_MAC
+        } else {
+            CLUSTER_MAC
+        }
+    }
+
     fn heartbeat_toml(&self, k: usize) -> String {
         let n = self.nodes.len();
         let ids: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
         let mut s = format!(
             "[node]\nid = {k}\nname = \"lb{k}\"\n\n[control]\nsocket = \"{}\"\n\n\
              [[instance]]\nname = \"front\"\ninterface = \"front0\"\nvrid = 51\npriority = {}\n\
-             advert_interval = \"{}\"\npreempt = true\nvirtual_addresses = [\"{VIP}/32\"]\narp_mac = \"{CLUSTER_MAC}\"\n\
+             advert_interval = \"{}\"\npreempt = true\nvirtual_addresses = [\"{VIP}/32\"]\narp_mac = \"{}\"\n\
              garp = {{ repeat = 3, interval = \"10ms\" }}\n",
             self.dir().join(format!("hb{k}.sock")).display(),
             250 - 50 * k,
-            self.advert
+            self.advert,
+            self.mac()
         );
         for g in 1..=n {
             s += &format!(
@@ -148,10 +171,17 @@ impl ClusterBed {
         let text = format!(
             "[node]\nname = \"lb{k}\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"{}/24\"\n\
              local_tun = \"lbtun0\"\ncontrol_socket = \"{}\"\n\n\
-             [cluster]\nheartbeat = \"lb{k}-heartbeat.toml\"\ncluster_mac = \"{CLUSTER_MAC}\"\nbuckets = 1021\n\
-             sync_key = \"{KEY}\"\n\n{services}",
+             [cluster]\nheartbeat = \"lb{k}-heartbeat.toml\"\ncluster_mac = \"{}\"\nmode = \"{}\"\nbuckets = 1021\n\
+             sync_key = \"{KEY}\"\n{}\n{services}",
             gateway(k),
-            self.socket(k).display()
+            self.socket(k).display(),
+            self.mac(),
+            if self.director {
+                "director"
+            } else {
+                "multicast"
+            },
+            self.gateways_toml()
         );
         std::fs::write(&path, text)?;
         Ok(path)

@@ -398,3 +398,66 @@ fn partition_and_heal_end_with_one_mac_holder_and_one_table() -> Result<()> {
     })??;
     Ok(())
 }
+
+/// Director mode: the MAC holder answers ARP with a unicast MAC, receives
+/// every frame and passes the other node's flows to it on the front segment;
+/// both nodes still serve their share, each flow exactly once.
+#[test]
+fn director_mode_passes_other_nodes_flows_to_them() -> Result<()> {
+    let mut c = ClusterBed::new("cl-dir", 2, 2, "100ms")?;
+    c.director = true;
+    let _srv = c.start_servers(8080)?;
+    let mut nodes = Vec::new();
+    for k in 1..=2 {
+        let cfg = c.write_configs(k, NAT)?;
+        nodes.push(c.start_node(k, &cfg)?);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    const N: usize = 400;
+    let servers = c.client.in_ns(|| -> Result<Vec<String>> {
+        (0..N)
+            .map(|_| Ok(http_get(SingleNode::vip(80), 100, T)?.server))
+            .collect()
+    })??;
+    let neigh = c.client.run(&["ip", "neigh", "show", "198.18.0.100"])?;
+    ensure!(
+        neigh.contains(netns_tests::cluster::DIRECTOR_MAC),
+        "client's ARP entry for the VIP: {neigh}"
+    );
+    let (s1, s2) = (c.status(1)?, c.status(2)?);
+    let (t1, t2) = (conns_total(&s1), conns_total(&s2));
+    let on1 = servers.iter().filter(|s| *s == "rs1").count() as u64;
+    ensure!(
+        t1 + t2 == N as u64,
+        "nodes counted {t1} + {t2} connections for {N} flows"
+    );
+    ensure!(on1 == t1, "rs1 served {on1}, lb1 scheduled {t1}");
+    let passed = s1["passed"].as_u64().unwrap_or(0);
+    ensure!(
+        t2 > N as u64 / 4 && passed > 0,
+        "lb2 got {t2} flows, lb1 passed {passed} frames"
+    );
+    Ok(())
+}
+
+/// A silent cut of the MAC holder's front link (carrier stays up): the
+/// survivor takes its buckets and, as the cut node still holds its
+/// sub-cluster's gateway on the back segment, schedules new flows only to
+/// servers whose replies come back to it; after detection every new flow
+/// succeeds.
+#[test]
+fn silent_front_cut_of_the_mac_holder() -> Result<()> {
+    let (c, _srv, _nodes) = two_nodes("cl-cut")?;
+    let v = load_around(&c, 4, || c.tb.cut(&c.nodes[0], "front0"))?;
+    let gap = gap_ms(&v);
+    let failed = v.iter().filter(|(_, ok)| !ok).count();
+    println!(
+        "FIGURE cluster silent cut of MAC holder, 100ms adverts: gap {gap} ms, {failed} of {} failed",
+        v.len()
+    );
+    ensure!(
+        v.iter().filter(|(at, _)| *at > 2500).all(|(_, ok)| *ok),
+        "requests still failing 1.5 s after the cut"
+    );
+    Ok(())
+}

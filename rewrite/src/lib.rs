@@ -17,6 +17,8 @@
 //! - [`nat`]: in-place NAT / DR rewrites of a whole frame, checksums fixed
 //!   incrementally, and [`nat::complete_checksum`] for frames that carry a
 //!   partial (offloaded) checksum.
+//! - [`reply`]: the balancer's own answers (a TCP reset for a refused flow),
+//!   built in place from the received frame.
 //! - [`flow`]: the flow key and the seeded flow hash.
 //! - [`maglev`]: the bucket table (which cluster node owns which flows).
 //! - `build` (feature `builder`, and in this crate's tests): a frame builder
@@ -36,6 +38,7 @@ pub mod ipv4;
 pub mod maglev;
 pub mod nat;
 pub mod packet;
+pub mod reply;
 pub mod tcp;
 pub mod udp;
 

@@ -43,6 +43,11 @@ impl TcpFlags {
     pub const URG: TcpFlags = TcpFlags(0x20);
     pub const ECE: TcpFlags = TcpFlags(0x40);
     pub const CWR: TcpFlags = TcpFlags(0x80);
+    pub const SYN_ACK: TcpFlags = TcpFlags(0x12);
+    pub const FIN_ACK: TcpFlags = TcpFlags(0x11);
+    pub const RST_ACK: TcpFlags = TcpFlags(0x14);
+    /// No flag: also what the connection table gets for UDP.
+    pub const NONE: TcpFlags = TcpFlags(0);
 
     pub const fn contains(self, other: TcpFlags) -> bool {
         self.0 & other.0 == other.0

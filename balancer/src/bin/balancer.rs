@@ -64,6 +64,28 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Drain a real server: weight 0, no new flows, existing ones finish.
+    Drain {
+        /// The backend's name.
+        server: String,
+        /// Only in this service (default: every service that has it).
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(short, long, value_name = "SOCKET", conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Give a drained real server its configured weight again.
+    Undrain {
+        server: String,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(short, long, value_name = "SOCKET", conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
@@ -96,6 +118,18 @@ fn main() -> ExitCode {
             json,
             all,
         } => status(socket, config, json, all),
+        Cmd::Drain {
+            server,
+            service,
+            socket,
+            config,
+        } => drain(&server, service.as_deref(), socket, config, true),
+        Cmd::Undrain {
+            server,
+            service,
+            socket,
+            config,
+        } => drain(&server, service.as_deref(), socket, config, false),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -228,17 +262,37 @@ fn write_record(path: &PathBuf, record: &Applied) -> anyhow::Result<()> {
         .with_context(|| format!("writing the setup record {}", path.display()))
 }
 
+fn control_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => Config::load(c)?.node.control_socket,
+        (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
+    })
+}
+
+fn drain(
+    server: &str,
+    service: Option<&str>,
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    drain: bool,
+) -> anyhow::Result<()> {
+    let socket = control_socket(socket, config)?;
+    let changed = control::drain(&socket, service, server, drain, Duration::from_secs(5))?;
+    let what = if drain { "drained" } else { "undrained" };
+    for c in changed {
+        println!("{what} {c}");
+    }
+    Ok(())
+}
+
 fn status(
     socket: Option<PathBuf>,
     config: Option<PathBuf>,
     json: bool,
     all: bool,
 ) -> anyhow::Result<()> {
-    let socket = match (socket, config) {
-        (Some(s), _) => s,
-        (None, Some(c)) => Config::load(c)?.node.control_socket,
-        (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
-    };
+    let socket = control_socket(socket, config)?;
     let snapshot = control::status(&socket, Duration::from_secs(5))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);

@@ -47,7 +47,10 @@ use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
 use crate::dataplane::syncio::SyncIo;
 use crate::dataplane::view::{ClusterView, SharedView};
-use crate::sched::{BackendView, Scheduler};
+use crate::health::OnDown;
+use crate::persist::PersistTable;
+use crate::sched::policy::{Decision, Refusal, ServicePolicy};
+use crate::sched::{BackendState, SchedRng, rng_from_seed};
 use crate::stats::{ConnGauge, DropReason, Nic, Stats};
 
 /// Where the engine sends frames. Each returns false when the frame could
@@ -71,6 +74,12 @@ pub struct Interfaces {
     /// The MAC that ARP replies for the VIPs give (the front MAC on a single
     /// node; the cluster MAC in a cluster).
     pub answer_mac: MacAddr,
+    /// The node's own front address (sender of its ARP requests there).
+    pub front_addr: Ipv4Addr,
+    /// The front subnet and router: next hops toward clients of flows a
+    /// director passed to this node (director mode).
+    pub front_net: Option<ipnet::Ipv4Net>,
+    pub front_router: Option<Ipv4Addr>,
 }
 
 #[derive(Debug)]
@@ -80,13 +89,21 @@ struct BackendRt {
     method: Method,
     /// Sub-cluster (cluster node id) of the real server, if attached to one.
     node: Option<u32>,
+    /// The cluster lets this node use the real server's sub-cluster.
+    sub_ok: bool,
+    /// Health checks pass (as last read from the stats board).
+    health_up: bool,
 }
 
 #[derive(Debug)]
 struct ServiceRt {
-    sched: Box<dyn Scheduler>,
+    /// Limits, shedding, persistence, the algorithm, the sorry server.
+    policy: ServicePolicy,
+    on_down: OnDown,
     backends: Vec<BackendRt>,
-    views: Vec<BackendView>,
+    /// What the policy sees of each backend: config (weight, limits),
+    /// health, cluster availability and the connection gauges.
+    views: Vec<BackendState>,
 }
 
 /// Gratuitous ARPs sent for each VIP at start, one a second.
@@ -105,6 +122,8 @@ pub struct Engine {
     back_local: Vec<Ipv4Addr>,
     conns: ConnTable,
     neigh: Neighbors,
+    /// Director mode: the peers' front MACs.
+    front_neigh: Neighbors,
     stats: Arc<Stats>,
     hasher: FlowHasher,
     due: Vec<Ipv4Addr>,
@@ -115,9 +134,17 @@ pub struct Engine {
     /// (refreshed once per poll round by [`Engine::refresh`]).
     shared: Option<SharedView>,
     view: Option<Arc<ClusterView>>,
+    /// Source-address affinity of every service with persistence.
+    persist: PersistTable,
+    /// Draws of p2c and exponential shedding (seeded by the driver).
+    rng: SchedRng,
+    next_persist_publish_ms: u64,
     /// Cluster mode: connection sync with the peers.
     sync: Option<SyncIo>,
 }
+
+/// Persistence entries per service with persistence (the table is shared).
+const PERSIST_SLOTS_PER_SERVICE: usize = 1 << 16;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,6 +217,8 @@ impl Engine {
         let mut vips = Vec::new();
         let mut services = Vec::new();
         let mut wanted = Vec::new();
+        let hasher = FlowHasher::new(config.node.flow_hash_seed);
+        let mut persist_slots = 0;
         for (i, s) in config.services.iter().enumerate() {
             by_addr.insert((s.vip, s.port, s.protocol.number()), i as u16);
             if !vips.contains(&s.vip) {
@@ -207,6 +236,8 @@ impl Engine {
                     },
                     method: b.forward,
                     node: b.node,
+                    sub_ok: true,
+                    health_up: true,
                 })
                 .collect();
             wanted.extend(
@@ -218,14 +249,27 @@ impl Engine {
             let views = s
                 .backends
                 .iter()
-                .map(|b| BackendView {
+                .map(|b| BackendState {
+                    key: hasher.hash_bytes(b.name.as_bytes()),
                     weight: u32::from(b.weight),
                     active_conns: 0,
+                    inactive_conns: 0,
                     available: true,
+                    standby: b.sorry,
+                    max_conns: b.max_conns,
+                    high_water: b.high_water,
+                    rtt_us: 0,
                 })
                 .collect();
+            if s.persistence.is_some() {
+                persist_slots += PERSIST_SLOTS_PER_SERVICE;
+            }
             services.push(ServiceRt {
-                sched: s.scheduler.build(),
+                policy: ServicePolicy::new(i as u16, s.scheduler, hasher)
+                    .with_persistence(s.persistence)
+                    .with_max_conns(s.max_conns)
+                    .with_shedding(s.shedding),
+                on_down: s.health.as_ref().map_or(OnDown::Keep, |h| h.on_down),
                 backends,
                 views,
             });
@@ -238,16 +282,43 @@ impl Engine {
             back_local,
             conns,
             neigh: Neighbors::new(wanted),
+            front_neigh: Neighbors::new([]),
             stats,
-            hasher: FlowHasher::new(config.node.flow_hash_seed),
+            hasher,
             due: Vec::new(),
             garps_sent: 0,
             next_garp_ms: 0,
             scratch: [0; 64],
             shared: None,
             view: None,
+            persist: PersistTable::new(persist_slots, hasher),
+            rng: rng_from_seed(0),
+            next_persist_publish_ms: 0,
             sync: None,
         })
+    }
+
+    /// Seeds the generator of p2c and exponential shedding (the driver
+    /// passes a random seed; tests a literal one).
+    pub fn with_seed(mut self, seed: u64) -> Engine {
+        self.rng = rng_from_seed(seed);
+        self
+    }
+
+    /// Reads what the control plane publishes per backend (health, RTT,
+    /// weight: drain and feedback) into the scheduling state. Called on
+    /// the housekeeping tick: O(backends), no allocation, no lock.
+    pub fn refresh_backends(&mut self) {
+        for (si, s) in self.services.iter_mut().enumerate() {
+            let stats = self.stats.service(si);
+            for (bi, (b, v)) in s.backends.iter_mut().zip(s.views.iter_mut()).enumerate() {
+                let st = stats.backend(bi);
+                b.health_up = st.health.is_up();
+                v.available = b.sub_ok && b.health_up;
+                v.rtt_us = st.health.rtt_us();
+                v.weight = st.weight.load(std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     /// Cluster mode: follow the view the control plane publishes. Flows of
@@ -285,9 +356,15 @@ impl Engine {
             return;
         }
         let view = arc_swap::Guard::into_inner(current);
+        if view.director {
+            let hops = [self.ifs.front_router].into_iter().flatten();
+            self.front_neigh
+                .set_wanted(view.peer_addrs.iter().map(|(_, a)| *a).chain(hops));
+        }
         for s in &mut self.services {
-            for (b, v) in s.backends.iter().zip(s.views.iter_mut()) {
-                v.available = view.may_use_subcluster(b.node);
+            for (b, v) in s.backends.iter_mut().zip(s.views.iter_mut()) {
+                b.sub_ok = view.may_use_subcluster(b.node);
+                v.available = b.sub_ok && b.health_up;
             }
         }
         self.view = Some(view);
@@ -299,14 +376,66 @@ impl Engine {
 
     /// Cluster mode: whether this node processes the flow (counts
     /// `not_our_bucket` when not). Always true on a single node.
-    fn owns(&self, key: &FlowKey) -> bool {
-        match &self.view {
-            Some(v) if !v.owns(self.hasher.hash(key)) => {
-                self.drop(DropReason::NotOurBucket);
-                false
-            }
-            _ => true,
+    ///
+    /// Director mode: only frames to this node's own MAC (passed by the MAC
+    /// holder) or, on the MAC holder, to the cluster's unicast MAC are
+    /// looked at; the holder passes the flows of other nodes' buckets to
+    /// their owner by rewriting the destination MAC (DR between balancers),
+    /// with the checksum completed first (the owner gets no offload mark).
+    fn take(
+        &mut self,
+        key: &FlowKey,
+        frame: &mut [u8],
+        p: &Parsed,
+        meta: RxMeta,
+        now_ms: u64,
+        out: &mut dyn Output,
+    ) -> bool {
+        let Some(v) = &self.view else { return true };
+        if v.director
+            && p.dst_mac != self.ifs.front_mac
+            && !(v.mac_holder && p.dst_mac == v.answer_mac)
+        {
+            return false; // flooded copy of a frame for another node
         }
+        let hash = self.hasher.hash(key);
+        if v.owns(hash) {
+            return true;
+        }
+        if !(v.director && v.mac_holder) {
+            self.drop(DropReason::NotOurBucket);
+            return false;
+        }
+        let Some(mac) = v
+            .owner_addr(hash)
+            .and_then(|a| self.front_neigh.lookup(a, now_ms))
+        else {
+            self.drop(DropReason::NoNeighbor);
+            return false;
+        };
+        if meta.csum_not_ready
+            && matches!(
+                p.kind,
+                Kind::Ipv4 {
+                    l4: L4::Tcp { .. } | L4::Udp { .. },
+                    ..
+                }
+            )
+            && let Err(err) = nat::complete_checksum(frame, p)
+        {
+            self.drop(rewrite_drop(err));
+            return false;
+        }
+        if nat::set_macs(frame, self.ifs.front_mac, MacAddr(mac)).is_err() {
+            self.drop(DropReason::Runt);
+            return false;
+        }
+        let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
+        self.send_front(out, &frame[..end]);
+        self.stats
+            .passed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        false
     }
 
     fn is_vip(&self, ip: Ipv4Addr) -> bool {
@@ -384,7 +513,7 @@ impl Engine {
             return;
         };
         match p.kind {
-            Kind::Arp(a) => self.front_arp(&a, out),
+            Kind::Arp(a) => self.front_arp(&a, now_ms, out),
             Kind::Ipv4 {
                 dst, fragment, l4, ..
             } => {
@@ -395,6 +524,11 @@ impl Engine {
                     self.drop(DropReason::Fragment);
                     return;
                 }
+                if let Some(key) = p.flow_key()
+                    && !self.take(&key, frame, &p, meta, now_ms, out)
+                {
+                    return;
+                }
                 match l4 {
                     L4::Tcp { .. } | L4::Udp { .. } => {
                         self.client_packet(frame, &p, meta, now_ms, out)
@@ -403,11 +537,6 @@ impl Engine {
                     L4::IcmpOther { .. } => {
                         // Echo and friends: the node's own stack answers for
                         // the VIP (in a cluster, the node owning the "flow").
-                        if let Some(key) = p.flow_key()
-                            && !self.owns(&key)
-                        {
-                            return;
-                        }
                         if let Some(ip) = ip_packet(frame, &p) {
                             self.send_local(out, ip);
                         }
@@ -418,7 +547,16 @@ impl Engine {
         }
     }
 
-    fn front_arp(&self, a: &ArpRepr, out: &mut dyn Output) {
+    fn front_arp(&mut self, a: &ArpRepr, now_ms: u64, out: &mut dyn Output) {
+        // Director mode: every node learns the front segment's MACs (the
+        // clients' ARP for the VIP is broadcast), so replies of passed flows
+        // know their next hop from the first packet.
+        if self.view.as_ref().is_some_and(|v| v.director)
+            && self.ifs.front_net.is_some_and(|n| n.contains(&a.sender_ip))
+        {
+            self.front_neigh.want(a.sender_ip);
+        }
+        self.front_neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
         if a.op != ArpOp::Request || !self.is_vip(a.target_ip) {
             return;
         }
@@ -449,18 +587,18 @@ impl Engine {
             self.drop(DropReason::NoService);
             return;
         };
-        if !self.owns(&key) {
-            return;
-        }
         let flags = match p.kind {
             Kind::Ipv4 {
                 l4: L4::Tcp { flags, .. },
                 ..
-            } => TcpFlags(flags.0),
+            } => flags,
             _ => TcpFlags::NONE,
         };
         let id = match self.conns.lookup_client(&key, flags) {
             ClientLookup::Existing(id) => {
+                if self.reset_if_backend_down(id, frame, p, out) {
+                    return;
+                }
                 if let Some(t) = self.conns.update(id, Dir::FromClient, flags, now_ms)
                     && let Some(e) = self.conns.get(id)
                 {
@@ -481,15 +619,22 @@ impl Engine {
                     }
                 }
                 match self.new_conn(svc, key, flags, p, now_ms) {
-                    Some(id) => id,
-                    None => return,
+                    Admit::Conn(id) => id,
+                    Admit::Dropped => return,
+                    Admit::Refused => return self.refuse(svc, frame, p, out),
                 }
             }
             ClientLookup::New => match self.new_conn(svc, key, flags, p, now_ms) {
-                Some(id) => id,
-                None => return,
+                Admit::Conn(id) => id,
+                Admit::Dropped => return,
+                Admit::Refused => return self.refuse(svc, frame, p, out),
             },
         };
+        if let Some(pc) = self.services[usize::from(svc)].policy.persistence {
+            // Traffic keeps the client's affinity alive.
+            self.persist
+                .refresh(svc, pc.mask(key.src), now_ms, pc.timeout_ms);
+        }
         let Some(e) = self.conns.get(id).copied() else {
             return;
         };
@@ -540,7 +685,7 @@ impl Engine {
         self.send_back(out, &frame[..end]);
     }
 
-    /// Schedules a new flow and records it; `None` if dropped (counted).
+    /// Schedules a new flow and records it.
     fn new_conn(
         &mut self,
         svc: u16,
@@ -548,74 +693,166 @@ impl Engine {
         flags: TcpFlags,
         p: &Parsed,
         now_ms: u64,
-    ) -> Option<crate::conntrack::ConnId> {
+    ) -> Admit {
         if key.proto == proto::TCP {
             let f = flags.0;
             let syn = f & 0x02 != 0;
             if syn && f & 0x05 != 0 {
                 // SYN with FIN or RST: never a valid opening.
                 self.drop(DropReason::BadTcpFlags);
-                return None;
+                return Admit::Dropped;
             }
             if !syn || f & 0x10 != 0 {
                 // Not a bare SYN: a segment of a flow we do not know (or
                 // forgot). IPVS drops these too.
                 self.drop(DropReason::NoConn);
-                return None;
+                return Admit::Dropped;
             }
         }
         let s = &mut self.services[svc as usize];
         let hash = self.hasher.hash(&key);
-        let Some(be) = s.sched.pick(&s.views, hash) else {
-            // Also counts the `no_backend` drop.
-            self.stats.record_no_backend(svc as usize);
-            return None;
+        let decision = s.policy.decide(
+            &s.views,
+            key.src,
+            hash,
+            &mut self.persist,
+            now_ms,
+            &mut self.rng,
+        );
+        let be = match decision {
+            Decision::Backend { index, .. } => index,
+            Decision::Refuse(Refusal::NoBackend) => {
+                // Dropped, not reset: no backend is often a moment (a
+                // cluster hand-over, a restart); the client's SYN
+                // retransmission may find one.
+                self.stats.record_no_backend(svc as usize);
+                return Admit::Dropped;
+            }
+            Decision::Refuse(Refusal::BackendsFull) => {
+                self.stats.record_conn_limit(svc as usize);
+                return Admit::Refused;
+            }
+            Decision::Refuse(Refusal::Shed) => {
+                self.stats.record_shed(svc as usize);
+                return Admit::Refused;
+            }
+            Decision::Refuse(Refusal::ServiceFull) => {
+                self.stats.record_conn_limit(svc as usize);
+                return Admit::Refused;
+            }
         };
         let b = &s.backends[be];
         let nc = NewConn {
             key,
             service: svc,
             backend: be as u16,
-            backend_addr: if b.method == Method::Nat {
-                b.addr
-            } else {
-                b.addr
-            },
+            backend_addr: b.addr,
             backend_port: if b.method == Method::Nat {
                 b.port
             } else {
                 key.dst_port
             },
             method: b.method,
-            client_mac: p.src_mac.0,
+            client_mac: self.client_mac_of(p, key.src, now_ms),
         };
         match self.conns.insert(nc, flags, now_ms) {
             Ok(id) => {
                 if let Some(e) = self.conns.get(id) {
-                    self.stats.conn_new(svc as usize, be, gauge(e));
-                    if e.state.is_active() {
-                        self.services[svc as usize].views[be].active_conns += 1;
-                    }
+                    let g = gauge(e);
+                    self.stats.conn_new(svc as usize, be, g);
+                    count(&mut self.services[svc as usize].views[be], g, 1);
                 }
                 self.synced(id, now_ms);
-                Some(id)
+                Admit::Conn(id)
             }
             Err(ConntrackError::TableFull) => {
                 // Also counts the `table_full` drop.
                 self.stats.record_table_full(svc as usize);
-                None
+                Admit::Dropped
             }
             Err(_) => {
                 self.drop(DropReason::NoConn);
-                None
+                Admit::Dropped
             }
         }
+    }
+
+    /// The next hop toward a client: itself when on the front subnet, else
+    /// the front router.
+    fn next_hop(&self, client: Ipv4Addr) -> Option<Ipv4Addr> {
+        match self.ifs.front_net {
+            Some(net) if net.contains(&client) => Some(client),
+            _ => self.ifs.front_router,
+        }
+    }
+
+    /// The MAC replies of a new flow go to: the source MAC of its frame, or,
+    /// for a frame a director passed (its source is the director's MAC, not
+    /// the client's next hop), the next hop's MAC from the front neighbour
+    /// table (zero while unknown: resolved when the first reply comes).
+    fn client_mac_of(&mut self, p: &Parsed, client: Ipv4Addr, now_ms: u64) -> [u8; 6] {
+        let passed = self.view.as_ref().is_some_and(|v| {
+            v.director
+                && v.peer_addrs
+                    .iter()
+                    .any(|(_, a)| self.front_neigh.lookup(*a, now_ms) == Some(p.src_mac.0))
+        });
+        if !passed {
+            return p.src_mac.0;
+        }
+        let Some(hop) = self.next_hop(client) else {
+            return [0; 6];
+        };
+        match self.front_neigh.lookup(hop, now_ms) {
+            Some(m) => m,
+            None => {
+                self.front_neigh.want(hop);
+                [0; 6]
+            }
+        }
+    }
+
+    /// A refused new flow: TCP gets a reset from the VIP at once (the
+    /// client fails fast instead of retransmitting its SYN), UDP nothing.
+    fn refuse(&mut self, svc: u16, frame: &mut [u8], p: &Parsed, out: &mut dyn Output) {
+        if let Ok(n) = rewrite::reply::tcp_reset(frame, p, self.ifs.front_mac) {
+            self.send_front(out, &frame[..n]);
+            self.stats.record_reset(svc as usize);
+        }
+    }
+
+    /// `on_down = reset`: a client packet of a connection whose backend's
+    /// health checks fail removes the connection; a TCP segment is answered
+    /// with a reset, a UDP datagram dropped (the flow's next datagram is
+    /// scheduled afresh). Returns whether the packet was consumed.
+    fn reset_if_backend_down(
+        &mut self,
+        id: crate::conntrack::ConnId,
+        frame: &mut [u8],
+        p: &Parsed,
+        out: &mut dyn Output,
+    ) -> bool {
+        let Some(e) = self.conns.get(id).copied() else {
+            return false;
+        };
+        let s = &self.services[usize::from(e.service)];
+        if s.on_down != OnDown::Reset || s.backends[usize::from(e.backend)].health_up {
+            return false;
+        }
+        if let Some(e) = self.conns.remove(id) {
+            self.stats
+                .conn_gone(e.service as usize, e.backend as usize, gauge(&e));
+            self.unview(&e);
+        }
+        self.refuse(e.service, frame, p, out);
+        true
     }
 
     fn settle(&mut self, svc: u16, be: u16, activated: bool, deactivated: bool) {
         let view = &mut self.services[svc as usize].views[be as usize];
         if activated {
-            view.active_conns += 1;
+            count(view, ConnGauge::Inactive, -1);
+            count(view, ConnGauge::Active, 1);
             self.stats.conn_moved(
                 svc as usize,
                 be as usize,
@@ -623,7 +860,8 @@ impl Engine {
                 ConnGauge::Active,
             );
         } else if deactivated {
-            view.active_conns = view.active_conns.saturating_sub(1);
+            count(view, ConnGauge::Active, -1);
+            count(view, ConnGauge::Inactive, 1);
             self.stats.conn_moved(
                 svc as usize,
                 be as usize,
@@ -634,10 +872,8 @@ impl Engine {
     }
 
     fn unview(&mut self, e: &Entry) {
-        if e.state.is_active() {
-            let v = &mut self.services[e.service as usize].views[e.backend as usize];
-            v.active_conns = v.active_conns.saturating_sub(1);
-        }
+        let v = &mut self.services[e.service as usize].views[e.backend as usize];
+        count(v, gauge(e), -1);
     }
 
     /// An ICMP error from the client side about a packet we sent it
@@ -650,9 +886,6 @@ impl Engine {
         out: &mut dyn Output,
     ) {
         let Some(key) = p.flow_key() else { return };
-        if !self.owns(&key) {
-            return;
-        }
         let Some(id) = self.conns.lookup(&key) else {
             self.drop(DropReason::NoConn);
             return;
@@ -704,9 +937,7 @@ impl Engine {
                 };
                 match l4 {
                     L4::Tcp { flags, .. } => {
-                        if let Some(t) =
-                            self.conns
-                                .update(id, Dir::FromBackend, TcpFlags(flags.0), now_ms)
+                        if let Some(t) = self.conns.update(id, Dir::FromBackend, flags, now_ms)
                             && let Some(e) = self.conns.get(id)
                         {
                             let (s, b) = (e.service, e.backend);
@@ -748,7 +979,23 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                if nat::set_macs(frame, self.ifs.front_mac, MacAddr(e.client_mac)).is_err() {
+                let client_mac = if e.client_mac == [0; 6] {
+                    // A flow passed by the director: the next hop toward the
+                    // client, resolved on the front segment.
+                    match self
+                        .next_hop(e.key.src)
+                        .and_then(|h| self.front_neigh.lookup(h, now_ms))
+                    {
+                        Some(m) => m,
+                        None => {
+                            self.drop(DropReason::NoNeighbor);
+                            return;
+                        }
+                    }
+                } else {
+                    e.client_mac
+                };
+                if nat::set_macs(frame, self.ifs.front_mac, MacAddr(client_mac)).is_err() {
                     self.drop(DropReason::Runt);
                     return;
                 }
@@ -780,11 +1027,28 @@ impl Engine {
         let services = &mut self.services;
         self.conns.expire(now_ms, EXPIRE_BUDGET, |e| {
             stats.conn_gone(e.service as usize, e.backend as usize, gauge(e));
-            if e.state.is_active() {
-                let v = &mut services[e.service as usize].views[e.backend as usize];
-                v.active_conns = v.active_conns.saturating_sub(1);
-            }
+            let v = &mut services[e.service as usize].views[e.backend as usize];
+            count(v, gauge(e), -1);
         });
+        self.refresh_backends();
+        if now_ms >= self.next_persist_publish_ms {
+            // About once a second: live affinity entries per service, for
+            // `balancer status` (a scan of the table, off the packet path).
+            self.next_persist_publish_ms = now_ms + 1000;
+            for (si, s) in self.services.iter().enumerate() {
+                if s.policy.persistence.is_some() {
+                    let n = self
+                        .persist
+                        .entries(now_ms)
+                        .filter(|x| usize::from(x.service) == si)
+                        .count();
+                    self.stats
+                        .service(si)
+                        .persistent
+                        .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
         let mut due = std::mem::take(&mut self.due);
         self.neigh.due_requests(now_ms, &mut due);
         for ip in &due {
@@ -798,6 +1062,21 @@ impl Engine {
             if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
                 let f = self.scratch;
                 self.send_back(out, &f[..n]);
+            }
+        }
+        // Director mode: the peers' front MACs, to pass them their flows.
+        self.front_neigh.due_requests(now_ms, &mut due);
+        for ip in &due {
+            let req = ArpRepr {
+                op: ArpOp::Request,
+                sender_mac: self.ifs.front_mac,
+                sender_ip: self.ifs.front_addr,
+                target_mac: MacAddr([0; 6]),
+                target_ip: *ip,
+            };
+            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
+                let f = self.scratch;
+                self.send_front(out, &f[..n]);
             }
         }
         self.due = due;
@@ -820,6 +1099,25 @@ impl Engine {
             }
         }
     }
+}
+
+/// What became of a new flow.
+enum Admit {
+    Conn(crate::conntrack::ConnId),
+    /// Not a valid opening: dropped and counted.
+    Dropped,
+    /// Refused by the service's limits or shedding: counted, and answered
+    /// with a TCP reset.
+    Refused,
+}
+
+/// Adds `delta` to the view's gauge `g`, saturating at zero.
+fn count(v: &mut BackendState, g: ConnGauge, delta: i32) {
+    let slot = match g {
+        ConnGauge::Active => &mut v.active_conns,
+        ConnGauge::Inactive => &mut v.inactive_conns,
+    };
+    *slot = slot.saturating_add_signed(delta);
 }
 
 /// The IPv4 datagram of a frame (no Ethernet header, no padding).

@@ -47,6 +47,26 @@ impl Neighbors {
         }
     }
 
+    /// Adds an address of interest (bounded: at most 4096 are tracked).
+    pub fn want(&mut self, ip: Ipv4Addr) {
+        if let Err(i) = self.wanted.binary_search(&ip)
+            && self.wanted.len() < 4096
+        {
+            self.wanted.insert(i, ip);
+        }
+    }
+
+    /// Replaces the addresses of interest (entries of others are dropped).
+    pub fn set_wanted(&mut self, wanted: impl IntoIterator<Item = Ipv4Addr>) {
+        let mut w: Vec<Ipv4Addr> = wanted.into_iter().collect();
+        w.sort();
+        w.dedup();
+        self.entries.retain(|ip, _| w.binary_search(ip).is_ok());
+        self.last_request_ms
+            .retain(|ip, _| w.binary_search(ip).is_ok());
+        self.wanted = w;
+    }
+
     /// The MAC of `ip`, if known and not stale.
     pub fn lookup(&self, ip: Ipv4Addr, now_ms: u64) -> Option<[u8; 6]> {
         self.entries

@@ -287,12 +287,18 @@ impl RxRing {
 }
 
 impl RxRing {
-    /// Makes the interface accept frames to a multicast MAC (the cluster
-    /// MAC) for as long as this socket is open (PACKET_ADD_MEMBERSHIP).
-    pub fn add_multicast(&self, ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+    /// Makes the interface accept frames to `mac` (the cluster MAC: a
+    /// multicast one, or in director mode a secondary unicast one) for as
+    /// long as this socket is open (PACKET_ADD_MEMBERSHIP).
+    pub fn add_membership(&self, ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+        let kind = if mac[0] & 1 == 1 {
+            libc::PACKET_MR_MULTICAST
+        } else {
+            libc::PACKET_MR_UNICAST
+        };
         let mut mr = libc::packet_mreq {
             mr_ifindex: ifindex(ifname)? as i32,
-            mr_type: libc::PACKET_MR_MULTICAST as u16,
+            mr_type: kind as u16,
             mr_alen: 6,
             mr_address: [0; 8],
         };
@@ -304,6 +310,29 @@ impl RxRing {
             &mr,
             "PACKET_ADD_MEMBERSHIP",
         )
+    }
+}
+
+impl RxRing {
+    /// Frames the kernel dropped because the ring was full, since the last
+    /// call (PACKET_STATISTICS resets on read).
+    pub fn take_drops(&self) -> u64 {
+        let mut st = libc::tpacket_stats {
+            tp_packets: 0,
+            tp_drops: 0,
+        };
+        let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: st and len are valid for getsockopt(PACKET_STATISTICS).
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 { 0 } else { u64::from(st.tp_drops) }
     }
 }
 

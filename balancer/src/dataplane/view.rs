@@ -21,6 +21,15 @@ pub struct ClusterView {
     pub table: BucketTable,
     /// Live members (including this node when it is up).
     pub live: Vec<u32>,
+    /// Director mode: the MAC holder receives every VIP frame on a unicast
+    /// MAC and passes other nodes' flows to them on the front segment.
+    pub director: bool,
+    /// Front addresses of the live peers (where their heartbeats come from).
+    pub peer_addrs: Vec<(u32, std::net::Ipv4Addr)>,
+    /// Each sub-cluster's gateway (config) and the addresses this node's
+    /// heartbeat holds now (instances it is master of).
+    pub gateways: Vec<(u32, std::net::Ipv4Addr)>,
+    pub held: Vec<std::net::Ipv4Addr>,
     /// Bumped on every change; the dataplane refreshes derived state when
     /// it moves.
     pub version: u64,
@@ -32,13 +41,25 @@ impl ClusterView {
         self.table.lookup(flow_hash) == Some(self.me)
     }
 
+    /// The front address of the node owning this flow, when another node
+    /// owns it and its address is known.
+    pub fn owner_addr(&self, flow_hash: u64) -> Option<std::net::Ipv4Addr> {
+        let owner = self.table.lookup(flow_hash)?;
+        self.peer_addrs
+            .iter()
+            .find(|(id, _)| *id == owner && owner != self.me)
+            .map(|(_, a)| *a)
+    }
+
     /// Whether a real server of `node`'s sub-cluster may get new flows from
     /// this node: its own, those of any node, and those of dead nodes (whose
     /// back gateway this node's heartbeat has taken over).
     pub fn may_use_subcluster(&self, node: Option<u32>) -> bool {
-        match node {
-            None => true,
-            Some(n) => n == self.me || !self.live.contains(&n),
+        let Some(n) = node else { return true };
+        match self.gateways.iter().find(|(id, _)| *id == n) {
+            // Replies of that sub-cluster come to whoever holds its gateway.
+            Some((_, gw)) => self.held.contains(gw),
+            None => n == self.me || !self.live.contains(&n),
         }
     }
 }

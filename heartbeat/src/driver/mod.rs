@@ -572,7 +572,7 @@ impl Proto {
         let Some(m) = &mut self.member else { return };
         for _ in 0..256 {
             match sock::recv_from(&m.sock, buf) {
-                Ok(Some((n, _))) => {
+                Ok(Some((n, src))) => {
                     let before = weights(&m.table);
                     match m.table.receive(&buf[..n], &m.key, now, unix_micros()) {
                         Ok(Some(ev)) => {
@@ -586,6 +586,14 @@ impl Proto {
                             }
                         }
                         Err(r) => tracing::debug!(reason = r.name(), "heartbeat refused"),
+                    }
+                    // Accepted (the sequence moved): note where it came from.
+                    if let (Some(src), Ok(hb)) = (src, Heartbeat::decode(&buf[..n], &m.key))
+                        && m.table
+                            .members()
+                            .any(|x| x.last.as_ref().is_some_and(|l| l.sequence == hb.sequence))
+                    {
+                        m.table.note_addr(hb.node_id, src);
                     }
                     self.dirty = true;
                 }

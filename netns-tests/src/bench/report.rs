@@ -107,7 +107,11 @@ pub struct PathResult {
     pub keepalive_errors: u64,
     pub close_errors: u64,
     pub udp_lost: u64,
+    /// Ratios of this path's medians to nftables' medians.
     pub vs_nft: Option<Ratios>,
+    /// Median over the rounds of the ratio within each round: steadier
+    /// when the machine's load drifts between rounds.
+    pub vs_nft_per_round: Option<Ratios>,
     pub memory: Option<MemoryFigures>,
     pub per_round: Vec<Round>,
 }
@@ -161,21 +165,86 @@ impl PathResult {
             close_errors: rounds.iter().map(|r| r.close_errors).sum(),
             udp_lost: rounds.iter().map(|r| r.udp_lost).sum(),
             vs_nft: None,
+            vs_nft_per_round: None,
             memory: None,
             per_round: rounds,
         }
     }
 
+    /// The figures that get ratios, in [`Ratios`] order.
+    fn ratio_figures(&self) -> [f64; 6] {
+        [
+            self.keepalive_rps,
+            self.keepalive_p50_ms,
+            self.close_rps,
+            self.close_p50_ms,
+            self.close_p99_ms,
+            self.udp_pps,
+        ]
+    }
+
+    /// Ratios of this path's medians to `base`'s.
     pub fn ratios_to(&self, base: &PathResult) -> Ratios {
-        let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        Ratios::from_pairs(self.ratio_figures(), base.ratio_figures())
+    }
+
+    /// Median of the per-round ratios to `base` (rounds matched by number).
+    pub fn per_round_ratios_to(&self, base: &PathResult) -> Ratios {
+        let per_round: Vec<[f64; 6]> = self
+            .per_round
+            .iter()
+            .filter_map(|a| {
+                let b = base.per_round.iter().find(|b| b.round == a.round)?;
+                let x = Ratios::from_pairs(a.ratio_figures(), b.ratio_figures());
+                Some(x.as_array())
+            })
+            .collect();
+        let med = |i: usize| median(per_round.iter().map(|r| r[i])).unwrap_or(f64::NAN);
+        Ratios::from_array(std::array::from_fn(med))
+    }
+}
+
+impl Round {
+    fn ratio_figures(&self) -> [f64; 6] {
+        [
+            self.keepalive_rps,
+            self.keepalive_p50_ms,
+            self.close_rps,
+            self.close_p50_ms,
+            self.close_p99_ms,
+            self.udp_pps,
+        ]
+    }
+}
+
+impl Ratios {
+    fn from_array(v: [f64; 6]) -> Ratios {
         Ratios {
-            keepalive_rps: r(self.keepalive_rps, base.keepalive_rps),
-            keepalive_p50_ms: r(self.keepalive_p50_ms, base.keepalive_p50_ms),
-            close_rps: r(self.close_rps, base.close_rps),
-            close_p50_ms: r(self.close_p50_ms, base.close_p50_ms),
-            close_p99_ms: r(self.close_p99_ms, base.close_p99_ms),
-            udp_pps: r(self.udp_pps, base.udp_pps),
+            keepalive_rps: v[0],
+            keepalive_p50_ms: v[1],
+            close_rps: v[2],
+            close_p50_ms: v[3],
+            close_p99_ms: v[4],
+            udp_pps: v[5],
         }
+    }
+
+    fn as_array(&self) -> [f64; 6] {
+        [
+            self.keepalive_rps,
+            self.keepalive_p50_ms,
+            self.close_rps,
+            self.close_p50_ms,
+            self.close_p99_ms,
+            self.udp_pps,
+        ]
+    }
+
+    /// `a[i] / b[i]`, NaN where `b[i]` is not positive.
+    fn from_pairs(a: [f64; 6], b: [f64; 6]) -> Ratios {
+        Ratios::from_array(std::array::from_fn(|i| {
+            if b[i] > 0.0 { a[i] / b[i] } else { f64::NAN }
+        }))
     }
 }
 
@@ -265,20 +334,25 @@ pub fn figures_table(results: &[PathResult]) -> String {
 
 /// Ratios of every path to nftables.
 pub fn ratio_table(results: &[PathResult]) -> String {
-    let rows: Vec<Vec<String>> = results
-        .iter()
-        .filter_map(|r| r.vs_nft.as_ref().map(|x| (r, x)))
-        .map(|(r, x)| {
-            vec![
-                format!("{}/nft", r.name),
-                format!("{:.2}", x.keepalive_rps),
-                format!("{:.2}", x.close_rps),
-                format!("{:.2}", x.close_p50_ms),
-                format!("{:.2}", x.close_p99_ms),
-                format!("{:.2}", x.udp_pps),
-            ]
-        })
-        .collect();
+    let row = |label: String, x: &Ratios| {
+        vec![
+            label,
+            format!("{:.2}", x.keepalive_rps),
+            format!("{:.2}", x.close_rps),
+            format!("{:.2}", x.close_p50_ms),
+            format!("{:.2}", x.close_p99_ms),
+            format!("{:.2}", x.udp_pps),
+        ]
+    };
+    let mut rows = Vec::new();
+    for r in results {
+        if let Some(x) = &r.vs_nft {
+            rows.push(row(format!("{}/nft of medians", r.name), x));
+        }
+        if let Some(x) = &r.vs_nft_per_round {
+            rows.push(row(format!("{}/nft per round", r.name), x));
+        }
+    }
     table(
         &[
             "ratio",
@@ -326,6 +400,35 @@ mod tests {
         assert_eq!(r.close_errors, 3);
         assert_eq!(r.cpu_us_per_pkt, Some(3.0));
         assert_eq!(r.rounds, 3);
+    }
+
+    #[test]
+    fn per_round_ratios_pair_rounds_by_number() {
+        let round = |n: usize, rps: f64| Round {
+            round: n,
+            close_rps: rps,
+            keepalive_rps: 1.0,
+            ..Round::default()
+        };
+        let nat = PathResult::from_rounds(
+            "nat",
+            String::new(),
+            String::new(),
+            vec![round(1, 50.0), round(2, 100.0), round(3, 55.0)],
+        );
+        let nft = PathResult::from_rounds(
+            "nft",
+            String::new(),
+            String::new(),
+            vec![round(1, 100.0), round(2, 100.0), round(3, 55.0)],
+        );
+        // Of medians: 55 / 100. Per round: 0.5, 1.0, 1.0 -> 1.0.
+        assert!((nat.ratios_to(&nft).close_rps - 0.55).abs() < 1e-9);
+        assert!((nat.per_round_ratios_to(&nft).close_rps - 1.0).abs() < 1e-9);
+        assert!(
+            nat.per_round_ratios_to(&nft).udp_pps.is_nan(),
+            "no UDP figure: no ratio"
+        );
     }
 
     #[test]

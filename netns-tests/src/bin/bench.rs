@@ -130,6 +130,7 @@ fn main() -> Result<()> {
     if let Some(nft) = results.iter().find(|r| r.name == "nft").cloned() {
         for r in results.iter_mut().filter(|r| r.name != "nft") {
             r.vs_nft = Some(r.ratios_to(&nft));
+            r.vs_nft_per_round = Some(r.per_round_ratios_to(&nft));
         }
     }
     if let Some(m) = memory
@@ -578,20 +579,27 @@ fn print_report(
     println!();
     if results.iter().any(|r| r.vs_nft.is_some()) {
         print!("{}", report::ratio_table(results));
-        println!("(latency ratios above 1 mean slower than nftables)");
-        if let Some(x) = results
-            .iter()
-            .find(|r| r.name == "nat")
-            .and_then(|r| r.vs_nft.as_ref())
+        println!(
+            "(of medians: ratio of the paths' medians; per round: median of the ratios within \
+             each round; latency ratios above 1 mean slower than nftables)"
+        );
+        if let Some(nat) = results.iter().find(|r| r.name == "nat")
+            && let (Some(a), Some(b)) = (&nat.vs_nft, &nat.vs_nft_per_round)
         {
-            println!(
-                "NAT new-connection rate vs nftables: {:.2} (issue target >= {NAT_CLOSE_TARGET:.2}: {})",
-                x.close_rps,
-                if x.close_rps >= NAT_CLOSE_TARGET {
+            let verdict = |x: f64| {
+                if x >= NAT_CLOSE_TARGET {
                     "met"
                 } else {
                     "NOT met"
                 }
+            };
+            println!(
+                "NAT new-connection rate vs nftables: {:.2} of medians ({}), {:.2} per round ({}); \
+                 issue target >= {NAT_CLOSE_TARGET:.2}",
+                a.close_rps,
+                verdict(a.close_rps),
+                b.close_rps,
+                verdict(b.close_rps),
             );
         }
     } else {

@@ -1,116 +1,6 @@
-//! Schedulers: which backend of a service gets a new flow.
-//!
-//! Pure and deterministic: a scheduler sees the service's backends as a slice
-//! of [`BackendView`] (the caller's order, which must stay stable while the
-//! set is unchanged) and the flow's hash (`rewrite::FlowHasher`, the one hash
-//! of the project, for the hashing schedulers), and returns an index into
-//! that slice. It reads no clock and draws no randomness of its own; a
-//! scheduler that needs either will take it as an argument.
-//!
-//! A backend is eligible when `available` (health checks pass, not removed)
-//! and `weight > 0` (weight 0 = drained, as in IPVS: existing connections
-//! stay, new ones go elsewhere). No eligible backend: `None`, and the caller
-//! drops or answers the packet.
-//!
-//! When backends are added, removed or reordered, call
-//! [`Scheduler::reset`]; weight and availability changes need no call (the
-//! schedulers notice them), and a slice whose length changed is handled
-//! without panicking even if `reset` was forgotten.
+//! Round robin and smooth weighted round robin.
 
-use core::fmt;
-use core::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
-/// What a scheduler needs to know about one backend.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct BackendView {
-    /// 0 = drained: never chosen for new flows.
-    pub weight: u32,
-    pub active_conns: u32,
-    pub available: bool,
-}
-
-impl BackendView {
-    pub const fn is_eligible(&self) -> bool {
-        self.available && self.weight > 0
-    }
-}
-
-/// The scheduler of a service, by its `ipvsadm` name.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SchedulerKind {
-    /// Round robin over eligible backends, weights ignored beyond 0.
-    Rr,
-    /// Weighted round robin, smooth (see [`Wrr`]).
-    Wrr,
-}
-
-impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 2] = [SchedulerKind::Rr, SchedulerKind::Wrr];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            SchedulerKind::Rr => "rr",
-            SchedulerKind::Wrr => "wrr",
-        }
-    }
-
-    /// A fresh scheduler of this kind.
-    /// The name in config files and status output.
-    pub const fn as_str(self) -> &'static str {
-        self.name()
-    }
-
-    pub fn build(self) -> Box<dyn Scheduler> {
-        match self {
-            SchedulerKind::Rr => Box::new(RoundRobin::new()),
-            SchedulerKind::Wrr => Box::new(Wrr::new()),
-        }
-    }
-}
-
-impl fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// An unknown scheduler name (from the CLI or the control socket; config
-/// files go through serde, which reports the same names).
-#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
-#[error("unknown scheduler {0:?} (known: rr, wrr)")]
-pub struct UnknownScheduler(pub String);
-
-impl FromStr for SchedulerKind {
-    type Err = UnknownScheduler;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SchedulerKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| UnknownScheduler(s.to_owned()))
-    }
-}
-
-/// A scheduling algorithm with whatever state it keeps between picks.
-///
-/// `pick` runs once per new flow on the packet path: it must not allocate
-/// except when the backend set changed size, and must not panic on any
-/// input (empty slice, all drained, huge weights, a slice longer or shorter
-/// than last time).
-pub trait Scheduler: fmt::Debug + Send {
-    fn kind(&self) -> SchedulerKind;
-
-    /// Index into `backends` of the backend for a new flow, or `None` if no
-    /// backend is eligible. `flow_hash` is the flow's `FlowHasher` hash;
-    /// schedulers that do not hash ignore it.
-    fn pick(&mut self, backends: &[BackendView], flow_hash: u64) -> Option<usize>;
-
-    /// Forget the position in the rotation: the backend set was replaced.
-    fn reset(&mut self);
-}
+use super::{Algorithm, BackendState, Flow, SchedRng, SchedulerKind};
 
 /// Round robin over eligible backends (IPVS `ip_vs_rr.c`): each pick takes
 /// the next eligible backend after the one picked last, wrapping around.
@@ -126,12 +16,17 @@ impl RoundRobin {
     }
 }
 
-impl Scheduler for RoundRobin {
+impl Algorithm for RoundRobin {
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Rr
     }
 
-    fn pick(&mut self, backends: &[BackendView], _flow_hash: u64) -> Option<usize> {
+    fn pick(
+        &mut self,
+        backends: &[BackendState],
+        _flow: &Flow,
+        _rng: &mut SchedRng,
+    ) -> Option<usize> {
         let n = backends.len();
         let start = match self.last {
             Some(last) if last < n => last + 1,
@@ -139,7 +34,7 @@ impl Scheduler for RoundRobin {
         };
         let chosen = (0..n)
             .map(|k| (start + k) % n)
-            .find(|&i| backends.get(i).is_some_and(BackendView::is_eligible))?;
+            .find(|&i| backends.get(i).is_some_and(BackendState::is_eligible))?;
         self.last = Some(chosen);
         Some(chosen)
     }
@@ -189,17 +84,22 @@ impl Wrr {
     }
 }
 
-impl Scheduler for Wrr {
+impl Algorithm for Wrr {
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Wrr
     }
 
-    fn pick(&mut self, backends: &[BackendView], _flow_hash: u64) -> Option<usize> {
+    fn pick(
+        &mut self,
+        backends: &[BackendState],
+        _flow: &Flow,
+        _rng: &mut SchedRng,
+    ) -> Option<usize> {
         if self.state.len() != backends.len() {
             self.state.clear();
             self.state.resize(backends.len(), WrrPeer::default());
         }
-        let effective = |b: &BackendView| if b.is_eligible() { b.weight } else { 0 };
+        let effective = |b: &BackendState| if b.is_eligible() { b.weight } else { 0 };
         if self
             .state
             .iter()
@@ -245,74 +145,8 @@ impl Scheduler for Wrr {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testkit::*;
     use super::*;
-
-    fn up(weight: u32) -> BackendView {
-        BackendView {
-            weight,
-            active_conns: 0,
-            available: true,
-        }
-    }
-
-    fn down(weight: u32) -> BackendView {
-        BackendView {
-            weight,
-            active_conns: 0,
-            available: false,
-        }
-    }
-
-    fn picks(s: &mut dyn Scheduler, b: &[BackendView], n: usize) -> Vec<usize> {
-        (0..n)
-            .map(|i| s.pick(b, i as u64).expect("eligible backend"))
-            .collect()
-    }
-
-    fn counts(s: &mut dyn Scheduler, b: &[BackendView], n: usize) -> Vec<usize> {
-        let mut c = vec![0; b.len()];
-        for i in picks(s, b, n) {
-            c[i] += 1;
-        }
-        c
-    }
-
-    /// Longest run of the same backend in a sequence.
-    fn longest_run(seq: &[usize]) -> usize {
-        seq.chunk_by(|a, b| a == b)
-            .map(<[usize]>::len)
-            .max()
-            .unwrap_or(0)
-    }
-
-    #[test]
-    fn kind_names_round_trip_through_str_and_serde() {
-        for k in SchedulerKind::ALL {
-            assert_eq!(k.name().parse::<SchedulerKind>(), Ok(k));
-            assert_eq!(k.to_string(), k.name());
-            assert_eq!(k.build().kind(), k);
-        }
-        assert_eq!(
-            "WRR".parse::<SchedulerKind>(),
-            Err(UnknownScheduler("WRR".into()))
-        );
-        #[derive(Deserialize)]
-        struct Svc {
-            scheduler: SchedulerKind,
-        }
-        let v: Svc = toml_like("wrr");
-        assert_eq!(v.scheduler, SchedulerKind::Wrr);
-
-        fn toml_like(name: &str) -> Svc {
-            use serde::de::IntoDeserializer;
-            use serde::de::value::{Error, MapDeserializer};
-            let map = [("scheduler", name)]
-                .into_iter()
-                .map(|(k, v)| (k, v.into_deserializer()));
-            let de: MapDeserializer<'_, _, Error> = MapDeserializer::new(map);
-            Svc::deserialize(de).expect("known name")
-        }
-    }
 
     // ---- rr ----
 
@@ -333,10 +167,10 @@ mod tests {
     #[test]
     fn rr_none_when_nothing_is_eligible() {
         let mut s = RoundRobin::new();
-        assert_eq!(s.pick(&[], 0), None);
-        assert_eq!(s.pick(&[up(0), down(1)], 0), None);
+        assert_eq!(pick1(&mut s, &[], 0), None);
+        assert_eq!(pick1(&mut s, &[up(0), down(1)], 0), None);
         // and recovers once something is
-        assert_eq!(s.pick(&[up(0), up(1)], 0), Some(1));
+        assert_eq!(pick1(&mut s, &[up(0), up(1)], 0), Some(1));
     }
 
     #[test]
@@ -387,7 +221,7 @@ mod tests {
 
     #[test]
     fn wrr_distribution_equals_weights_over_whole_cycles() {
-        let cases: [(&[BackendView], &[usize]); 4] = [
+        let cases: [(&[BackendState], &[usize]); 4] = [
             (&[up(1), up(2), up(3)], &[1, 2, 3]),
             (&[up(5), up(1)], &[5, 1]),
             (&[up(1), up(0), up(2), down(4), up(3)], &[1, 0, 2, 0, 3]),
@@ -435,7 +269,7 @@ mod tests {
             let mut s = Wrr::new();
             let mut count = vec![0u64; w.len()];
             for k in 1..=u64::from(total) * 3 {
-                count[s.pick(&b, 0).expect("eligible")] += 1;
+                count[pick1(&mut s, &b, 0).expect("eligible")] += 1;
                 for (i, &wi) in w.iter().enumerate() {
                     // |count - k * w / W| < 1, in integers
                     let lhs = (count[i] * u64::from(total)).abs_diff(k * u64::from(wi));
@@ -457,9 +291,9 @@ mod tests {
     #[test]
     fn wrr_none_when_nothing_is_eligible() {
         let mut s = Wrr::new();
-        assert_eq!(s.pick(&[], 0), None);
-        assert_eq!(s.pick(&[up(0), down(5), up(0)], 0), None);
-        assert_eq!(s.pick(&[up(0), down(5), up(2)], 0), Some(2));
+        assert_eq!(pick1(&mut s, &[], 0), None);
+        assert_eq!(pick1(&mut s, &[up(0), down(5), up(0)], 0), None);
+        assert_eq!(pick1(&mut s, &[up(0), down(5), up(2)], 0), Some(2));
     }
 
     #[test]
@@ -512,19 +346,20 @@ mod tests {
     }
 
     #[test]
-    fn schedulers_ignore_active_conns_and_flow_hash() {
-        for k in SchedulerKind::ALL {
+    fn rr_and_wrr_ignore_active_conns_and_flow_hash() {
+        for k in [SchedulerKind::Rr, SchedulerKind::Wrr] {
             let b1 = [up(1), up(2)];
             let b2 = [
-                BackendView {
+                BackendState {
                     active_conns: 1000,
                     ..up(1)
                 },
                 up(2),
             ];
-            let (mut s1, mut s2) = (k.build(), k.build());
-            let a: Vec<_> = (0..12).map(|i| s1.pick(&b1, i)).collect();
-            let b: Vec<_> = (0..12).map(|i| s2.pick(&b2, i * 7919)).collect();
+            let h = rewrite::FlowHasher::new([0; 16]);
+            let (mut s1, mut s2) = (k.algorithm(h), k.algorithm(h));
+            let a: Vec<_> = (0..12).map(|i| pick1(s1.as_mut(), &b1, i)).collect();
+            let b: Vec<_> = (0..12).map(|i| pick1(s2.as_mut(), &b2, i * 7919)).collect();
             assert_eq!(a, b, "{k}");
         }
     }
