@@ -577,6 +577,37 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+impl Host {
+    /// Runs `f` on a new OS thread that has entered this namespace (network
+    /// namespaces are per thread: the caller's thread is not affected).
+    /// Sockets made inside `f` live in the namespace.
+    pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.ns());
+        let h = std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
+            Ok(f())
+        });
+        h.join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.ns()))?
+    }
+
+    /// Like [`Host::in_ns`] but returns at once with the thread's handle.
+    pub fn spawn_in_ns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
+        let path = format!("/var/run/netns/{}", self.ns());
+        std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
+            Ok(f())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,36 +642,5 @@ mod tests {
             assert!(!list.contains(&n), "namespace {n} left behind: {list}");
         }
         Ok(())
-    }
-}
-
-impl Host {
-    /// Runs `f` on a new OS thread that has entered this namespace (network
-    /// namespaces are per thread: the caller's thread is not affected).
-    /// Sockets made inside `f` live in the namespace.
-    pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.ns());
-        let h = std::thread::spawn(move || -> Result<T> {
-            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("setns {path}"))?;
-            Ok(f())
-        });
-        h.join()
-            .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.ns()))?
-    }
-
-    /// Like [`Host::in_ns`] but returns at once with the thread's handle.
-    pub fn spawn_in_ns<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<Result<T>> {
-        let path = format!("/var/run/netns/{}", self.ns());
-        std::thread::spawn(move || -> Result<T> {
-            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("setns {path}"))?;
-            Ok(f())
-        })
     }
 }

@@ -345,8 +345,7 @@ fn last_view(c: &ClusterBed, k: usize) -> Result<(String, bool)> {
     let log = std::fs::read_to_string(c.dir().join(format!("lb{k}.log")))?;
     let line = log
         .lines()
-        .filter(|l| l.contains("cluster view changed"))
-        .next_back()
+        .rfind(|l| l.contains("cluster view changed"))
         .unwrap_or_default()
         .to_string();
     let owners = line

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use netns_tests::topo::{Bridge, Host, Proc, Testbed, workspace_bin};
+use netns_tests::topo::{Host, Proc, Testbed, workspace_bin};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -110,7 +110,6 @@ impl Node {
 
 struct Bed {
     tb: Testbed,
-    lan: Bridge,
     nodes: Vec<Node>,
     client: Host,
 }
@@ -134,12 +133,7 @@ fn bed(tag: &str, specs: &[NodeSpec]) -> Result<Bed> {
             log,
         });
     }
-    Ok(Bed {
-        tb,
-        lan,
-        nodes,
-        client,
-    })
+    Ok(Bed { tb, nodes, client })
 }
 
 fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
@@ -383,22 +377,15 @@ fn partition_gives_two_masters_and_healing_one() -> Result<()> {
     converge(&mut b, 0, Duration::from_secs(10))?;
     // Partition without carrier loss: isolated bridge ports cannot talk to
     // each other (both still reach the non-isolated client port).
-    let ports: Vec<String> = b
-        .nodes
-        .iter()
-        .map(|n| port_of(&b, &n.host))
-        .collect::<Result<_>>()?;
-    for p in &ports {
-        b.tb.switch()
-            .run(&["bridge", "link", "set", "dev", p, "isolated", "on"])?;
+    for n in &b.nodes {
+        b.tb.isolate(&n.host, "front0", true)?;
     }
     wait(Duration::from_secs(5), || {
         is(&b.nodes[1].state(), "Master") && is(&b.nodes[0].state(), "Master")
     })
     .with_context(|| format!("no split brain: {:?}", states(&b)))?;
-    for p in &ports {
-        b.tb.switch()
-            .run(&["bridge", "link", "set", "dev", p, "isolated", "off"])?;
+    for n in &b.nodes {
+        b.tb.isolate(&n.host, "front0", false)?;
     }
     let took = wait(Duration::from_secs(5), || {
         is(&b.nodes[1].state(), "Backup") && is(&b.nodes[0].state(), "Master")
@@ -408,25 +395,6 @@ fn partition_gives_two_masters_and_healing_one() -> Result<()> {
     // Within one interval (+ slack for polling and a loaded machine).
     assert!(took < Duration::from_millis(100 + 900), "took {took:?}");
     Ok(())
-}
-
-/// The bridge port of a host's front0 (the harness keeps it private; the
-/// port is the veth peer, found by its ifindex).
-fn port_of(b: &Bed, h: &Host) -> Result<String> {
-    let iflink = h.run(&["cat", "/sys/class/net/front0/iflink"])?;
-    let idx = iflink.trim();
-    let out =
-        b.tb.switch()
-            .run(&["ip", "-o", "link", "show", "master", &b.lan.name])?;
-    for l in out.lines() {
-        let mut it = l.split(':');
-        if it.next().map(str::trim) == Some(idx) {
-            if let Some(name) = it.next() {
-                return Ok(name.trim().split('@').next().unwrap_or("").to_string());
-            }
-        }
-    }
-    bail!("port with ifindex {idx} not found in {out}")
 }
 
 #[test]
@@ -682,8 +650,7 @@ fn keepalived(b: &Bed, h: &Host, prio: u8, advert: &str) -> Result<Proc> {
 fn ka_state(b: &Bed) -> Option<String> {
     let s = std::fs::read_to_string(b.tb.dir().join("notify.sh.log")).ok()?;
     s.lines()
-        .filter(|l| l.contains(" ka INSTANCE KA "))
-        .last()
+        .rfind(|l| l.contains(" ka INSTANCE KA "))
         .and_then(|l| l.split_whitespace().nth(4))
         .map(str::to_string)
 }

@@ -658,14 +658,14 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                self.to_backend(frame, p, e.backend_addr, now_ms, out);
+                self.send_to_backend(frame, p, e.backend_addr, now_ms, out);
             }
-            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
+            Method::Dr => self.send_to_backend(frame, p, e.backend_addr, now_ms, out),
         }
     }
 
     /// Sends a (rewritten) frame to a backend on the back segment.
-    fn to_backend(
+    fn send_to_backend(
         &mut self,
         frame: &mut [u8],
         p: &Parsed,
@@ -905,9 +905,9 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                self.to_backend(frame, p, e.backend_addr, now_ms, out);
+                self.send_to_backend(frame, p, e.backend_addr, now_ms, out);
             }
-            Method::Dr => self.to_backend(frame, p, e.backend_addr, now_ms, out),
+            Method::Dr => self.send_to_backend(frame, p, e.backend_addr, now_ms, out),
         }
     }
 
