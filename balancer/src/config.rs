@@ -48,7 +48,64 @@ pub struct Config {
     pub services: Vec<Service>,
     /// `[cluster]`: present when this node is one of several peer balancers.
     pub cluster: Option<Cluster>,
+    /// `[feedback]`: the feedback master (agents on the real servers).
+    pub feedback: Option<Feedback>,
 }
+
+/// `[feedback]`: the master end of the agents' NECP-style sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    /// Where agents connect (default `0.0.0.0:3262`).
+    pub listen: std::net::SocketAddrV4,
+    /// The shared HMAC key (at least 16 bytes).
+    pub key: String,
+    pub keepalive_interval: Duration,
+    /// How long an agent may take to answer a keepalive.
+    pub keepalive_timeout: Duration,
+    /// Unanswered keepalives in a row that fail a server (NECP: 3).
+    pub max_missed: u8,
+    /// INIT and START must arrive within this.
+    pub handshake_timeout: Duration,
+    /// The smoothing factor `a` of `w = a*max(1,h) + (1-a)*w_prev`.
+    pub alpha: f64,
+    /// Networks agents may connect from (default: the back subnet).
+    pub allow: Vec<Ipv4Net>,
+    /// Agent connections at once.
+    pub max_agents: u32,
+    /// Refuse messages whose sequence is older than the wall clock minus
+    /// this (needs synchronised clocks); none by default.
+    pub max_age: Option<Duration>,
+}
+
+// `alpha` is validated into 0..=1, never NaN, so equality is total.
+impl Eq for Feedback {}
+
+/// `[service.pool]`: real servers that join by their agent's START, from
+/// `network`, at most `max_servers` at once. Their slots are the last
+/// backends of the service (named `pool-ADDRESS`), weight 0 until joined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub network: Ipv4Net,
+    pub forward: Forward,
+    pub port: u16,
+    pub max_servers: u32,
+    /// Index of the first pool slot in the service's backends.
+    pub first_slot: usize,
+}
+
+/// `[service.autoscale]`: the DVS service proxy's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Autoscale {
+    pub rules: crate::feedback::autoscale::Rules,
+    /// argv of the scale-up command; its environment names the service and
+    /// the counts.
+    pub scale_up: Vec<String>,
+    /// argv of the scale-down command (also gets the server).
+    pub scale_down: Vec<String>,
+}
+
+/// Largest pool network: a /24.
+pub const MAX_POOL_SLOTS: u32 = 254;
 
 /// How the VIP's frames reach the nodes of a cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -85,6 +142,12 @@ pub struct Cluster {
     pub sync_group: Ipv4Addr,
     /// Shared HMAC-SHA256 key of connection sync.
     pub sync_key: String,
+    /// The back gateway address of each node's sub-cluster (its real
+    /// servers' default route): a node sends new flows to a sub-cluster
+    /// only while its heartbeat holds that gateway, so that the replies come
+    /// back to it. Nodes without an entry: their own sub-cluster, and a dead
+    /// node's.
+    pub gateways: Vec<(u32, Ipv4Addr)>,
 }
 
 /// `[node]`.
@@ -157,6 +220,11 @@ pub struct Service {
     pub shedding: Option<Shedding>,
     /// `[service.health]`: health checks of every backend.
     pub health: Option<HealthCheck>,
+    /// `[service.pool]`: servers that join by feedback; their slots are the
+    /// last backends.
+    pub pool: Option<Pool>,
+    /// `[service.autoscale]`.
+    pub autoscale: Option<Autoscale>,
 }
 
 /// `[[service.backend]]`: a real server, or the node itself.
@@ -297,8 +365,46 @@ pub struct RawConfig {
     service: Vec<Spanned<RawService>>,
     #[serde(default)]
     cluster: Option<Spanned<RawCluster>>,
+    #[serde(default)]
+    feedback: Option<Spanned<RawFeedback>>,
     #[serde(skip)]
     ctx: Ctx,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeedback {
+    listen: Option<Spanned<String>>,
+    key: Spanned<String>,
+    keepalive_interval: Option<SpannedDuration>,
+    keepalive_timeout: Option<SpannedDuration>,
+    max_missed: Option<Spanned<i64>>,
+    handshake_timeout: Option<SpannedDuration>,
+    alpha: Option<Spanned<f64>>,
+    allow: Option<Vec<Spanned<String>>>,
+    max_agents: Option<Spanned<i64>>,
+    max_age: Option<SpannedDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    network: Spanned<String>,
+    forward: Spanned<Forward>,
+    port: Option<Spanned<i64>>,
+    max_servers: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoscale {
+    start_period: SpannedDuration,
+    shutdown_period: SpannedDuration,
+    cooldown: Option<SpannedDuration>,
+    min_servers: Option<Spanned<i64>>,
+    max_servers: Option<Spanned<i64>>,
+    scale_up: Spanned<Vec<String>>,
+    scale_down: Spanned<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -312,6 +418,8 @@ struct RawCluster {
     sync_port: Option<Spanned<i64>>,
     sync_group: Option<Spanned<String>>,
     sync_key: Spanned<String>,
+    #[serde(default)]
+    gateways: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +463,8 @@ struct RawService {
     persistence: Option<Spanned<RawPersistence>>,
     shed: Option<Spanned<RawShed>>,
     health: Option<Spanned<RawHealth>>,
+    pool: Option<Spanned<RawPool>>,
+    autoscale: Option<Spanned<RawAutoscale>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
 }
@@ -681,12 +791,34 @@ impl RawConfig {
             services.push(service);
         }
         let cluster = self.validate_cluster()?;
+        let feedback = self.validate_feedback(&node)?;
+        if feedback.is_none()
+            && let Some((si, raw)) = self
+                .service
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.get_ref().pool.is_some() || s.get_ref().autoscale.is_some())
+        {
+            let r = raw.get_ref();
+            let (span, k) = match (&r.pool, &r.autoscale) {
+                (Some(p), _) => (p.span(), "pool"),
+                (None, Some(a)) => (a.span(), "autoscale"),
+                (None, None) => (raw.span(), "pool"),
+            };
+            return Err(ctx.err(
+                &span,
+                format!("service[{si}].{k}"),
+                Kind::NeedsFeedback,
+                "servers join a pool and report load through their agents: add [feedback]",
+            ));
+        }
         Ok(Config {
             source: ctx.file.clone(),
             node,
             conntrack,
             services,
             cluster,
+            feedback,
         })
     }
 
@@ -800,6 +932,27 @@ impl RawConfig {
                 "the sync key must be at least 16 bytes",
             ));
         }
+        let mut gateways = Vec::new();
+        for (id, addr) in &raw.gateways {
+            let key = format!("cluster.gateways.{id}");
+            let node: u32 = id.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ctx.err(
+                    &addr.span(),
+                    key.clone(),
+                    Kind::BadValue,
+                    format!("`{id}` is not a node id"),
+                )
+            })?;
+            let ip: Ipv4Addr = addr.get_ref().parse().map_err(|_| {
+                ctx.err(
+                    &addr.span(),
+                    key.clone(),
+                    Kind::BadValue,
+                    format!("`{}` is not an IPv4 address", addr.get_ref()),
+                )
+            })?;
+            gateways.push((node, ip));
+        }
         let front_instance = raw
             .front_instance
             .as_ref()
@@ -813,6 +966,7 @@ impl RawConfig {
             sync_port,
             sync_group,
             sync_key: key.clone(),
+            gateways,
         }))
     }
 
@@ -1043,7 +1197,7 @@ fn validate_service(
         .as_ref()
         .map_or(Scheduler::Wrr, |s| *s.get_ref());
 
-    if r.backend.is_empty() {
+    if r.backend.is_empty() && r.pool.is_none() {
         return Err(ctx.err(
             &raw.span(),
             format!("{key}.backend"),
@@ -1237,6 +1391,12 @@ fn validate_service(
             node,
         });
     }
+    // Pool slots come after the configured backends.
+    let pool = r
+        .pool
+        .as_ref()
+        .map(|p| validate_pool(ctx, node, &key, port, p, &mut backends))
+        .transpose()?;
     if backends.iter().all(|b| b.sorry) {
         return Err(ctx.err(
             &raw.span(),
@@ -1274,6 +1434,11 @@ fn validate_service(
             "lrt schedules by health-check round trip times: add [service.health]",
         ));
     }
+    let autoscale = r
+        .autoscale
+        .as_ref()
+        .map(|a| validate_autoscale(ctx, &key, pool.as_ref(), a))
+        .transpose()?;
     Ok(Service {
         name,
         vip,
@@ -1285,6 +1450,327 @@ fn validate_service(
         persistence,
         shedding,
         health,
+        pool,
+        autoscale,
+    })
+}
+
+/// A positive duration.
+fn nonzero(ctx: &Ctx, value: &SpannedDuration, key: &str) -> Result<Duration> {
+    let d: Duration = **value.get_ref();
+    if d.is_zero() {
+        return Err(ctx.err(
+            &value.span(),
+            key,
+            Kind::OutOfRange,
+            "must be greater than zero",
+        ));
+    }
+    Ok(d)
+}
+
+/// An integer in `range`.
+fn ranged(
+    ctx: &Ctx,
+    value: &Spanned<i64>,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64> {
+    let v = *value.get_ref();
+    if !range.contains(&v) {
+        return Err(ctx.err(
+            &value.span(),
+            key,
+            Kind::OutOfRange,
+            format!("{v} is out of range {}..={}", range.start(), range.end()),
+        ));
+    }
+    Ok(v)
+}
+
+impl RawConfig {
+    fn validate_feedback(&self, node: &Node) -> Result<Option<Feedback>> {
+        let ctx = &self.ctx;
+        let Some(raw) = &self.feedback else {
+            return Ok(None);
+        };
+        let r = raw.get_ref();
+        let listen = match &r.listen {
+            None => std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, crate::feedback::necp::PORT),
+            Some(l) => l.get_ref().parse().map_err(|_| {
+                ctx.err(
+                    &l.span(),
+                    "feedback.listen",
+                    Kind::BadValue,
+                    format!("`{}` is not ADDRESS:PORT", l.get_ref()),
+                )
+            })?,
+        };
+        let key = r.key.get_ref().clone();
+        if key.len() < 16 {
+            return Err(ctx.err(
+                &r.key.span(),
+                "feedback.key",
+                Kind::BadValue,
+                "the shared key must be at least 16 bytes",
+            ));
+        }
+        let dur = |v: &Option<SpannedDuration>, k: &str, d: Duration| -> Result<Duration> {
+            v.as_ref()
+                .map_or(Ok(d), |v| nonzero(ctx, v, &format!("feedback.{k}")))
+        };
+        let keepalive_interval = dur(
+            &r.keepalive_interval,
+            "keepalive_interval",
+            Duration::from_secs(1),
+        )?;
+        let keepalive_timeout = dur(
+            &r.keepalive_timeout,
+            "keepalive_timeout",
+            keepalive_interval,
+        )?;
+        let handshake_timeout = dur(
+            &r.handshake_timeout,
+            "handshake_timeout",
+            Duration::from_secs(5),
+        )?;
+        let max_age = r
+            .max_age
+            .as_ref()
+            .map(|v| nonzero(ctx, v, "feedback.max_age"))
+            .transpose()?;
+        let max_missed = match &r.max_missed {
+            None => 3,
+            Some(v) => ranged(ctx, v, "feedback.max_missed", 1..=255)? as u8,
+        };
+        let alpha = match &r.alpha {
+            None => 0.5,
+            Some(a) => {
+                let v = *a.get_ref();
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(ctx.err(
+                        &a.span(),
+                        "feedback.alpha",
+                        Kind::OutOfRange,
+                        format!("{v} is out of range 0..=1"),
+                    ));
+                }
+                v
+            }
+        };
+        let allow = match &r.allow {
+            None => vec![node.back_gateway.trunc()],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    n.get_ref()
+                        .parse::<Ipv4Net>()
+                        .map(|n| n.trunc())
+                        .map_err(|_| {
+                            ctx.err(
+                                &n.span(),
+                                format!("feedback.allow[{i}]"),
+                                Kind::BadValue,
+                                format!("`{}` is not a network (ADDRESS/PREFIX)", n.get_ref()),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let max_agents = match &r.max_agents {
+            None => 64,
+            Some(v) => ranged(ctx, v, "feedback.max_agents", 1..=4096)? as u32,
+        };
+        Ok(Some(Feedback {
+            listen,
+            key,
+            keepalive_interval,
+            keepalive_timeout,
+            max_missed,
+            handshake_timeout,
+            alpha,
+            allow,
+            max_agents,
+            max_age,
+        }))
+    }
+}
+
+/// Checks `[service.pool]` and appends its slots (weight 0) to `backends`.
+fn validate_pool(
+    ctx: &Ctx,
+    node: &Node,
+    key: &str,
+    service_port: u16,
+    raw: &Spanned<RawPool>,
+    backends: &mut Vec<Backend>,
+) -> Result<Pool> {
+    let r = raw.get_ref();
+    let pkey = format!("{key}.pool");
+    let network = r.network.get_ref().parse::<Ipv4Net>().map_err(|_| {
+        ctx.err(
+            &r.network.span(),
+            format!("{pkey}.network"),
+            Kind::BadValue,
+            format!(
+                "`{}` is not a network (ADDRESS/PREFIX)",
+                r.network.get_ref()
+            ),
+        )
+    })?;
+    let network = network.trunc();
+    let gw = node.back_gateway;
+    if !gw.trunc().contains(&network) {
+        return Err(ctx.err(
+            &r.network.span(),
+            format!("{pkey}.network"),
+            Kind::BackendOffLink,
+            format!(
+                "{network} is not inside the back subnet {}: pool servers must be on-link",
+                gw.trunc()
+            ),
+        ));
+    }
+    if network.prefix_len() < 24 {
+        return Err(ctx.err(
+            &r.network.span(),
+            format!("{pkey}.network"),
+            Kind::OutOfRange,
+            format!("{network} is larger than a /24 (at most {MAX_POOL_SLOTS} slots)"),
+        ));
+    }
+    let forward = *r.forward.get_ref();
+    if forward == Forward::Local {
+        return Err(ctx.err(
+            &r.forward.span(),
+            format!("{pkey}.forward"),
+            Kind::BadValue,
+            "pool servers are real servers: nat or dr",
+        ));
+    }
+    let port = match &r.port {
+        None => service_port,
+        Some(p) => {
+            let k = format!("{pkey}.port");
+            let v = check_port(ctx, p, &k)?;
+            if forward != Forward::Nat && v != service_port {
+                return Err(ctx.err(
+                    &p.span(),
+                    k,
+                    Kind::PortMismatch,
+                    format!("a dr pool cannot change the port: must equal the service port {service_port}"),
+                ));
+            }
+            v
+        }
+    };
+    let max_servers = match &r.max_servers {
+        None => 8,
+        Some(v) => ranged(
+            ctx,
+            v,
+            &format!("{pkey}.max_servers"),
+            1..=i64::from(MAX_POOL_SLOTS),
+        )? as u32,
+    };
+    let first_slot = backends.len();
+    let bcast = gw.broadcast();
+    for addr in network.hosts() {
+        if addr == gw.addr()
+            || addr == gw.network()
+            || addr == bcast
+            || backends
+                .iter()
+                .any(|b| b.address == Some(addr) && b.port == port)
+        {
+            continue;
+        }
+        backends.push(Backend {
+            name: format!("pool-{addr}"),
+            address: Some(addr),
+            port,
+            weight: 0,
+            forward,
+            max_conns: 0,
+            high_water: 0,
+            sorry: false,
+            node: None,
+        });
+    }
+    Ok(Pool {
+        network,
+        forward,
+        port,
+        max_servers,
+        first_slot,
+    })
+}
+
+fn validate_autoscale(
+    ctx: &Ctx,
+    key: &str,
+    pool: Option<&Pool>,
+    raw: &Spanned<RawAutoscale>,
+) -> Result<Autoscale> {
+    let r = raw.get_ref();
+    let akey = format!("{key}.autoscale");
+    let start_period = nonzero(ctx, &r.start_period, &format!("{akey}.start_period"))?;
+    let shutdown_period = nonzero(ctx, &r.shutdown_period, &format!("{akey}.shutdown_period"))?;
+    let cooldown = r
+        .cooldown
+        .as_ref()
+        .map_or(Duration::ZERO, |v| **v.get_ref());
+    let min_servers = match &r.min_servers {
+        None => 1,
+        Some(v) => ranged(
+            ctx,
+            v,
+            &format!("{akey}.min_servers"),
+            0..=i64::from(MAX_POOL_SLOTS),
+        )? as u32,
+    };
+    let max_servers = match &r.max_servers {
+        None => pool.map_or(MAX_POOL_SLOTS, |p| p.max_servers),
+        Some(v) => ranged(
+            ctx,
+            v,
+            &format!("{akey}.max_servers"),
+            1..=i64::from(MAX_POOL_SLOTS),
+        )? as u32,
+    };
+    if min_servers > max_servers {
+        let span = r
+            .min_servers
+            .as_ref()
+            .map_or_else(|| raw.span(), |v| v.span());
+        return Err(ctx.err(
+            &span,
+            format!("{akey}.min_servers"),
+            Kind::OutOfRange,
+            format!("min_servers {min_servers} is above max_servers {max_servers}"),
+        ));
+    }
+    for (k, v) in [("scale_up", &r.scale_up), ("scale_down", &r.scale_down)] {
+        if v.get_ref().first().is_none_or(|c| c.is_empty()) {
+            return Err(ctx.err(
+                &v.span(),
+                format!("{akey}.{k}"),
+                Kind::BadValue,
+                "a command is a non-empty list: [\"program\", \"arg\", ...]",
+            ));
+        }
+    }
+    Ok(Autoscale {
+        rules: crate::feedback::autoscale::Rules {
+            start_period,
+            shutdown_period,
+            cooldown,
+            min_servers,
+            max_servers,
+        },
+        scale_up: r.scale_up.get_ref().clone(),
+        scale_down: r.scale_down.get_ref().clone(),
     })
 }
 
@@ -2752,6 +3238,254 @@ mod tests {
             1,
             "service[0].health.retries",
             Kind::UnknownKey,
+        );
+    }
+
+    // --- [feedback], [service.pool], [service.autoscale] ---
+
+    /// Lines 1-5 node, 6-7 feedback, then `extra_fb` (from line 8), then a
+    /// service whose first line follows.
+    fn feedback_config(extra_fb: &str, service_extra: &str) -> String {
+        format!(
+            "{}[feedback]\nkey = \"0123456789abcdef\"\n{extra_fb}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n{service_extra}[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"dr\"\n",
+            node!()
+        )
+    }
+
+    #[test]
+    fn feedback_pool_and_autoscale_get_their_defaults_and_slots() {
+        let c = Config::parse(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.20/30\"\nforward = \"dr\"\n[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\n",
+            ),
+            "test.toml",
+        )
+        .expect("valid");
+        let f = c.feedback.expect("feedback");
+        assert_eq!(f.listen, "0.0.0.0:3262".parse().expect("addr"));
+        assert_eq!(f.keepalive_interval, Duration::from_secs(1));
+        assert_eq!(f.keepalive_timeout, Duration::from_secs(1));
+        assert_eq!((f.max_missed, f.alpha, f.max_agents), (3, 0.5, 64));
+        assert_eq!(
+            f.allow,
+            vec!["198.19.0.0/24".parse::<Ipv4Net>().expect("net")]
+        );
+        let s = &c.services[0];
+        let pool = s.pool.as_ref().expect("pool");
+        // .21 is a configured backend: only .22 is a slot.
+        assert_eq!(pool.first_slot, 1);
+        assert_eq!(s.backends.len(), 2);
+        assert_eq!(s.backends[1].name, "pool-198.19.0.22");
+        assert_eq!(s.backends[1].weight, 0);
+        let a = s.autoscale.as_ref().expect("autoscale");
+        assert_eq!((a.rules.min_servers, a.rules.max_servers), (1, 8));
+        assert_eq!(a.rules.cooldown, Duration::ZERO);
+    }
+
+    #[test]
+    fn service_with_only_a_pool_is_accepted() {
+        let text = format!(
+            "{}[feedback]\nkey = \"0123456789abcdef\"\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\n",
+            node!()
+        );
+        let c = Config::parse(&text, "test.toml").expect("valid");
+        assert_eq!(c.services[0].backends.len(), 6);
+    }
+
+    #[test]
+    fn rejects_short_feedback_key() {
+        refused(
+            &feedback_config("", "").replace("0123456789abcdef", "short"),
+            7,
+            7,
+            "feedback.key",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_alpha_above_one() {
+        refused(
+            &feedback_config("alpha = 1.5\n", ""),
+            8,
+            9,
+            "feedback.alpha",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_keepalive_interval() {
+        refused(
+            &feedback_config("keepalive_interval = \"0s\"\n", ""),
+            8,
+            22,
+            "feedback.keepalive_interval",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_max_missed() {
+        refused(
+            &feedback_config("max_missed = 0\n", ""),
+            8,
+            14,
+            "feedback.max_missed",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_allow_entry_that_is_not_a_network() {
+        refused(
+            &feedback_config("allow = [\"198.19.0.0/24\", \"everyone\"]\n", ""),
+            8,
+            27,
+            "feedback.allow[1]",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_bad_listen_address() {
+        refused(
+            &feedback_config("listen = \"198.19.0.1\"\n", ""),
+            8,
+            10,
+            "feedback.listen",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_pool_outside_the_back_subnet() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"10.0.0.0/28\"\nforward = \"dr\"\n",
+            ),
+            13,
+            11,
+            "service[0].pool.network",
+            Kind::BackendOffLink,
+        );
+    }
+
+    #[test]
+    fn rejects_pool_larger_than_a_slash_24() {
+        let text = "[node]\nname = \"lb1\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"198.19.0.1/16\"\n[feedback]\nkey = \"0123456789abcdef\"\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.pool]\nnetwork = \"198.19.0.0/23\"\nforward = \"dr\"\n";
+        refused(text, 13, 11, "service[0].pool.network", Kind::OutOfRange);
+    }
+
+    #[test]
+    fn rejects_local_pool() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"local\"\n",
+            ),
+            14,
+            11,
+            "service[0].pool.forward",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_dr_pool_with_another_port() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\nport = 8080\n",
+            ),
+            15,
+            8,
+            "service[0].pool.port",
+            Kind::PortMismatch,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_pool_max_servers() {
+        refused(
+            &feedback_config(
+                "",
+                "[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\nmax_servers = 0\n",
+            ),
+            15,
+            15,
+            "service[0].pool.max_servers",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_pool_without_feedback() {
+        let text = format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.pool]\nnetwork = \"198.19.0.32/29\"\nforward = \"dr\"\n",
+            node!()
+        );
+        refused(&text, 10, 1, "service[0].pool", Kind::NeedsFeedback);
+    }
+
+    #[test]
+    fn rejects_autoscale_without_feedback() {
+        let text = format!(
+            "{}[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\nport = 80\n[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\n[[service.backend]]\naddress = \"198.19.0.21\"\nforward = \"dr\"\n",
+            node!()
+        );
+        refused(&text, 10, 1, "service[0].autoscale", Kind::NeedsFeedback);
+    }
+
+    fn autoscale(extra: &str) -> String {
+        feedback_config(
+            "",
+            &format!(
+                "[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\n{extra}"
+            ),
+        )
+    }
+
+    #[test]
+    fn rejects_min_servers_above_max_servers() {
+        refused(
+            &autoscale("min_servers = 5\nmax_servers = 2\n"),
+            17,
+            15,
+            "service[0].autoscale.min_servers",
+            Kind::OutOfRange,
+        );
+    }
+
+    #[test]
+    fn rejects_empty_scale_command() {
+        let text = feedback_config(
+            "",
+            "[service.autoscale]\nstart_period = \"5s\"\nshutdown_period = \"1m\"\nscale_up = []\nscale_down = [\"down\"]\n",
+        );
+        refused(
+            &text,
+            15,
+            12,
+            "service[0].autoscale.scale_up",
+            Kind::BadValue,
+        );
+    }
+
+    #[test]
+    fn rejects_zero_start_period() {
+        let text = feedback_config(
+            "",
+            "[service.autoscale]\nstart_period = \"0s\"\nshutdown_period = \"1m\"\nscale_up = [\"u\"]\nscale_down = [\"down\"]\n",
+        );
+        refused(
+            &text,
+            13,
+            16,
+            "service[0].autoscale.start_period",
+            Kind::OutOfRange,
         );
     }
 }

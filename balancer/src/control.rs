@@ -54,6 +54,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         service: Option<String>,
     },
+    /// The feedback master's agents, refusals and autoscale decisions:
+    /// answered by [`Response::Feedback`].
+    Feedback,
 }
 
 /// A response line: the command's payload, or `{"error":"..."}`.
@@ -71,6 +74,7 @@ pub enum Response {
     Changed {
         changed: Vec<String>,
     },
+    Feedback(Box<crate::feedback::master::FeedbackSnapshot>),
 }
 
 /// What the server needs to answer requests.
@@ -79,6 +83,14 @@ fn handle(request: Request, stats: &Stats) -> Response {
         Request::Status => return Response::Status(Box::new(stats.snapshot())),
         Request::Drain { backend, service } => (backend, service, true),
         Request::Undrain { backend, service } => (backend, service, false),
+        Request::Feedback => {
+            return match crate::feedback::master::snapshot() {
+                Some(f) => Response::Feedback(Box::new(f)),
+                None => Response::Error {
+                    error: "no [feedback] in this node's config".into(),
+                },
+            };
+        }
     };
     let changed = stats.drain(service.as_deref(), &backend, drain);
     if changed.is_empty() {
@@ -304,8 +316,8 @@ pub fn drain(
     match request(path, &req, timeout)? {
         Response::Changed { changed } => Ok(changed),
         Response::Error { error } => Err(Error::ControlRefused { message: error }),
-        Response::Status(_) => Err(Error::ControlProtocol {
-            message: "a status where a drain answer was expected".to_owned(),
+        Response::Status(_) | Response::Feedback(_) => Err(Error::ControlProtocol {
+            message: "not a drain answer".to_owned(),
         }),
     }
 }
@@ -317,6 +329,23 @@ pub fn status(path: impl AsRef<Path>, timeout: Duration) -> Result<StatusSnapsho
         Response::Error { error } => Err(Error::ControlRefused { message: error }),
         Response::Changed { .. } => Err(Error::ControlProtocol {
             message: "a drain answer where a status was expected".to_owned(),
+        }),
+        Response::Feedback(_) => Err(Error::ControlProtocol {
+            message: "a feedback answer where a status was expected".into(),
+        }),
+    }
+}
+
+/// `{"cmd":"feedback"}`: the feedback master's agents and decisions.
+pub fn feedback(
+    path: impl AsRef<Path>,
+    timeout: Duration,
+) -> Result<crate::feedback::master::FeedbackSnapshot> {
+    match request(path, &Request::Feedback, timeout)? {
+        Response::Feedback(f) => Ok(*f),
+        Response::Error { error } => Err(Error::ControlRefused { message: error }),
+        Response::Status(_) | Response::Changed { .. } => Err(Error::ControlProtocol {
+            message: "not a feedback answer".into(),
         }),
     }
 }

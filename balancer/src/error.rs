@@ -129,6 +129,8 @@ pub enum ConfigErrorKind {
     BackendIsGateway,
     /// A VIP inside the back_gateway subnet.
     VipInBackSubnet,
+    /// A pool or autoscale section without the `[feedback]` it needs.
+    NeedsFeedback,
     /// A dr or local backend port different from the service port.
     PortMismatch,
     /// Keys that contradict each other (a setting for another mode, a

@@ -1,11 +1,13 @@
 //! The balancer node.
 
+pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod dataplane;
 pub mod error;
+pub mod feedback;
 pub mod health;
 pub mod node;
 pub mod peers;

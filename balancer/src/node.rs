@@ -322,6 +322,12 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         if let Some(p) = peers {
             tokio::spawn(p.run());
         }
+        // The feedback master publishes agents' weights to `stats`.
+        if let Some(m) =
+            crate::feedback::master::Master::new(Arc::new(config.clone()), stats.clone())
+        {
+            tokio::spawn(crate::feedback::master::run(m));
+        }
         // Health checks run on this (control-plane) runtime and publish to
         // `stats`; the dataplane reads them on its housekeeping tick.
         let targets = crate::health::targets(config);

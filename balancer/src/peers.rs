@@ -101,9 +101,17 @@ pub fn view_of(
         .filter(|m| m.alive)
         .filter_map(|m| m.addr.map(|a| (m.node_id, a)))
         .collect();
+    let held = status
+        .instances
+        .iter()
+        .filter(|i| i.state == State::Master)
+        .flat_map(|i| i.addresses.iter().copied())
+        .collect();
     Ok(ClusterView {
         me,
         mac_holder,
+        gateways: cluster.gateways.clone(),
+        held,
         answer_mac: cluster.cluster_mac,
         director: cluster.mode == crate::config::ClusterMode::Director,
         peer_addrs,
@@ -301,11 +309,17 @@ impl Peers {
                 .instance(&self.cluster.front_instance)
                 .is_some_and(|i| i.state == State::Master);
             let addrs: Vec<_> = st.members.iter().map(|m| (m.node_id, m.addr)).collect();
+            let held: Vec<_> = st
+                .instances
+                .iter()
+                .map(|i| i.state == State::Master)
+                .collect();
             let now = (
                 owners(&st, &self.universe, me_owns),
                 st.live.clone(),
                 holder,
                 addrs,
+                held,
             );
             if last.as_ref() != Some(&now) {
                 version += 1;

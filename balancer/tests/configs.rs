@@ -1,6 +1,7 @@
 //! Every example in `configs/` parses and validates: walking the directory
 //! means a new file is covered without touching this test. `heartbeat-*.toml`
-//! are configs of the `heartbeat` daemon and are checked by its parser; all
+//! are configs of the `heartbeat` daemon and are checked by its parser;
+//! `agent-*.toml` are `balancer-agent` configs, checked by its parser; all
 //! other files are node configs.
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,12 @@ fn every_example_config_validates() {
             .unwrap_or_default();
         if name.starts_with("heartbeat-") {
             if let Err(e) = heartbeat::config::Config::load(file) {
+                failures.push(e.to_string());
+            }
+            continue;
+        }
+        if name.starts_with("agent-") {
+            if let Err(e) = balancer::agent::config::AgentConfig::load(file) {
                 failures.push(e.to_string());
             }
             continue;

@@ -41,11 +41,12 @@ fn example_configs() -> Vec<PathBuf> {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("directory entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        // heartbeat-*.toml configure the heartbeat daemon, not a node.
+        // heartbeat-*.toml configure the heartbeat daemon, agent-*.toml
+        // the feedback agent; neither is a node.
         .filter(|p| {
             !p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("heartbeat-"))
+                .is_some_and(|n| n.starts_with("heartbeat-") || n.starts_with("agent-"))
         })
         .collect();
     files.sort();

@@ -114,6 +114,15 @@ impl ClusterBed {
 
     /// Node k's heartbeat config: front instance (lb1 highest), one back
     /// gateway instance per node (its own highest), membership.
+    /// `[cluster.gateways]`: each node's sub-cluster gateway.
+    fn gateways_toml(&self) -> String {
+        let mut t = String::from("\n[cluster.gateways]\n");
+        for k in 1..=self.nodes.len() {
+            t += &format!("\"{k}\" = \"{}\"\n", gateway(k));
+        }
+        t
+    }
+
     fn mac(&self) -> &'static str {
         if self.director {
             DIRECTOR_MAC
@@ -163,7 +172,7 @@ impl ClusterBed {
             "[node]\nname = \"lb{k}\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"{}/24\"\n\
              local_tun = \"lbtun0\"\ncontrol_socket = \"{}\"\n\n\
              [cluster]\nheartbeat = \"lb{k}-heartbeat.toml\"\ncluster_mac = \"{}\"\nmode = \"{}\"\nbuckets = 1021\n\
-             sync_key = \"{KEY}\"\n\n{services}",
+             sync_key = \"{KEY}\"\n{}\n{services}",
             gateway(k),
             self.socket(k).display(),
             self.mac(),
@@ -171,7 +180,8 @@ impl ClusterBed {
                 "director"
             } else {
                 "multicast"
-            }
+            },
+            self.gateways_toml()
         );
         std::fs::write(&path, text)?;
         Ok(path)

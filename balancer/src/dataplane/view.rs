@@ -26,6 +26,10 @@ pub struct ClusterView {
     pub director: bool,
     /// Front addresses of the live peers (where their heartbeats come from).
     pub peer_addrs: Vec<(u32, std::net::Ipv4Addr)>,
+    /// Each sub-cluster's gateway (config) and the addresses this node's
+    /// heartbeat holds now (instances it is master of).
+    pub gateways: Vec<(u32, std::net::Ipv4Addr)>,
+    pub held: Vec<std::net::Ipv4Addr>,
     /// Bumped on every change; the dataplane refreshes derived state when
     /// it moves.
     pub version: u64,
@@ -51,9 +55,11 @@ impl ClusterView {
     /// this node: its own, those of any node, and those of dead nodes (whose
     /// back gateway this node's heartbeat has taken over).
     pub fn may_use_subcluster(&self, node: Option<u32>) -> bool {
-        match node {
-            None => true,
-            Some(n) => n == self.me || !self.live.contains(&n),
+        let Some(n) = node else { return true };
+        match self.gateways.iter().find(|(id, _)| *id == n) {
+            // Replies of that sub-cluster come to whoever holds its gateway.
+            Some((_, gw)) => self.held.contains(gw),
+            None => n == self.me || !self.live.contains(&n),
         }
     }
 }

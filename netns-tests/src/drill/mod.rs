@@ -383,10 +383,11 @@ fn drive(
     let name = format!("{}-{}ms-{}", peer.name(), advert.as_millis(), drill.name());
     let plot_path = opts.out.join(format!("{name}.svg"));
     let title = format!(
-        "{} {} ({} ms adverts): gap {:.0} ms, {} of {} failed",
+        "{} {} ({} ms adverts): gap {}{:.0} ms, {} of {} failed",
         peer.name(),
         drill.name(),
         advert.as_millis(),
+        if a.recovered { "" } else { "> " },
         a.gap.as_secs_f64() * 1e3,
         a.failed,
         run.samples.len()

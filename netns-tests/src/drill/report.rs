@@ -174,10 +174,20 @@ pub fn analyse(
     // No success near the end of the load: the hole lasts to its end.
     let last = ends.last().copied().unwrap_or(from);
     let tail = load_end.saturating_sub(last);
-    let recovered = tail <= Duration::from_millis(250);
+    let mut recovered = tail <= EPISODE_JOIN;
     if !recovered && tail > gap {
         gap = tail;
         gap_start = last;
+    }
+    // Failures still going on at the end of the load: not recovered either.
+    let last_failure = run
+        .samples
+        .iter()
+        .filter(|s| s.result.is_err())
+        .map(|s| s.start)
+        .max();
+    if last_failure.is_some_and(|f| f + EPISODE_JOIN + period >= load_end && f >= from) {
+        recovered = false;
     }
 
     let outage = gap;
@@ -240,10 +250,9 @@ pub fn analyse(
             }
         }
     }
-    // Drop the empty tail (no requests sent after the load ended).
-    while bins.last().is_some_and(|b| b.ok == 0 && b.failed == 0) && bins.len() > 1 {
-        bins.pop();
-    }
+    // Only whole bins: the last one would be cut by the end of the load.
+    let whole = (load_end.as_nanos() / bin.as_nanos().max(1)) as usize;
+    bins.truncate(whole.max(1));
     Analysis {
         gap,
         outage,
@@ -465,6 +474,29 @@ mod tests {
         );
         assert!(!a.recovered);
         assert_eq!(a.gap, Duration::from_millis(2000 - 996));
+    }
+
+    #[test]
+    fn failures_of_one_node_until_the_end_are_not_recovered() {
+        // Every other request fails from the fault to the end of the load.
+        let samples: Vec<Sample> = (0..400)
+            .map(|k| sample(k * 5, 1, k * 5 < 1000 || k % 2 == 0))
+            .collect();
+        let run = Run {
+            samples,
+            long: Vec::new(),
+        };
+        let a = analyse(
+            &run,
+            Duration::from_millis(1000),
+            Duration::from_millis(2000),
+            Duration::from_millis(100),
+            Duration::from_millis(5),
+            Duration::from_secs(1),
+        );
+        assert!(!a.recovered);
+        // First failure sent at 1005, last at 1995, plus one period.
+        assert_eq!(a.disturbed, Duration::from_millis(995));
     }
 
     #[test]

@@ -80,28 +80,17 @@ impl Cluster {
         &self.bed.tb
     }
 
-    /// The bridge ports of every node (front and back), for partitions.
-    pub fn node_ports(&self) -> Result<Vec<String>> {
-        let mut v = Vec::new();
-        for h in &self.nodes {
-            v.push(self.tb().port(h, "front0")?);
-            v.push(self.tb().port(h, "back0")?);
-        }
-        Ok(v)
-    }
-
     /// Partitions the nodes from each other but not from the client or the
     /// real servers: their bridge ports become *isolated* (an isolated port
-    /// talks only to non-isolated ports), on both segments. Nothing else
-    /// changes: no carrier loss, ARP and service traffic flow as before, but
-    /// VRRP adverts, membership heartbeats and connection sync between nodes
-    /// are lost.
+    /// talks only to non-isolated ports, [`Testbed::isolate`]), on both
+    /// segments. Nothing else changes: no carrier loss, ARP and service
+    /// traffic flow as before, but VRRP adverts, membership heartbeats and
+    /// connection sync between nodes are lost.
     pub fn partition(&self, on: bool) -> Result<()> {
-        let state = if on { "on" } else { "off" };
-        for p in self.node_ports()? {
-            self.tb()
-                .switch()
-                .run(&["bridge", "link", "set", "dev", &p, "isolated", state])?;
+        for h in &self.nodes {
+            for ifname in ["front0", "back0"] {
+                self.tb().isolate(h, ifname, on)?;
+            }
         }
         Ok(())
     }
