@@ -7,11 +7,14 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use rewrite::ethernet::{MIN_FRAME_LEN, ethertype};
+use rewrite::{ArpOp, ArpPacket, ArpRepr, EthernetFrame, MacAddr, WireError};
+
 use crate::vrrp::state::State;
 
 pub type Mac = [u8; 6];
 pub const BROADCAST: Mac = [0xff; 6];
-pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_ARP: u16 = ethertype::ARP;
 
 /// Which MAC the VIPs are announced and answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,83 +67,35 @@ pub fn arp_answer(views: &[ArpView], target: Ipv4Addr) -> Option<Mac> {
         .map(|v| v.mac)
 }
 
-/// An ARP request/reply for IPv4 over Ethernet (RFC 826).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ArpRepr {
-    pub op: u16,
-    pub sender_mac: Mac,
-    pub sender_ip: Ipv4Addr,
-    pub target_mac: Mac,
-    pub target_ip: Ipv4Addr,
-}
-
-pub const ARP_REQUEST: u16 = 1;
-pub const ARP_REPLY: u16 = 2;
-const FRAME_LEN: usize = 14 + 28;
-
-impl ArpRepr {
-    /// Parses an Ethernet frame carrying Ethernet/IPv4 ARP; `None` otherwise.
-    pub fn parse_frame(f: &[u8]) -> Option<ArpRepr> {
-        if f.len() < FRAME_LEN || u16::from_be_bytes([f[12], f[13]]) != ETHERTYPE_ARP {
-            return None;
-        }
-        let a = &f[14..FRAME_LEN];
-        // htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4.
-        if a[0..6] != [0, 1, 8, 0, 6, 4] {
-            return None;
-        }
-        let mac = |o: usize| -> Mac { [a[o], a[o + 1], a[o + 2], a[o + 3], a[o + 4], a[o + 5]] };
-        let ip = |o: usize| Ipv4Addr::new(a[o], a[o + 1], a[o + 2], a[o + 3]);
-        Some(ArpRepr {
-            op: u16::from_be_bytes([a[6], a[7]]),
-            sender_mac: mac(8),
-            sender_ip: ip(14),
-            target_mac: mac(18),
-            target_ip: ip(24),
-        })
+/// An Ethernet frame carrying an Ethernet/IPv4 ARP packet, parsed with
+/// `rewrite`'s views (the workspace's one owner of the ARP format); `None`
+/// for anything else.
+pub fn parse_arp_frame(f: &[u8]) -> Option<ArpRepr> {
+    let eth = EthernetFrame::new_checked(f).ok()?;
+    if eth.ethertype() != ethertype::ARP {
+        return None;
     }
-
-    /// Emits an Ethernet frame (`eth_dst`, `eth_src`) with this ARP body,
-    /// padded to the 60-byte Ethernet minimum.
-    pub fn emit_frame(&self, eth_dst: Mac, eth_src: Mac) -> Vec<u8> {
-        let mut f = vec![0u8; 60];
-        f[0..6].copy_from_slice(&eth_dst);
-        f[6..12].copy_from_slice(&eth_src);
-        f[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
-        f[14..20].copy_from_slice(&[0, 1, 8, 0, 6, 4]);
-        f[20..22].copy_from_slice(&self.op.to_be_bytes());
-        f[22..28].copy_from_slice(&self.sender_mac);
-        f[28..32].copy_from_slice(&self.sender_ip.octets());
-        f[32..38].copy_from_slice(&self.target_mac);
-        f[38..42].copy_from_slice(&self.target_ip.octets());
-        f
-    }
+    let p = ArpPacket::new_checked(eth.payload()).ok()?;
+    Some(ArpRepr::parse(&p))
 }
 
 /// A gratuitous ARP (a broadcast request for our own address, RFC 5227
 /// §3 "ARP Announcement"), announcing `vip` at `mac`. The Ethernet source is
 /// the interface MAC: a multicast cluster MAC is not a valid source address.
-pub fn gratuitous_arp(vip: Ipv4Addr, mac: Mac, interface_mac: Mac) -> Vec<u8> {
-    ArpRepr {
-        op: ARP_REQUEST,
-        sender_mac: mac,
-        sender_ip: vip,
-        target_mac: [0; 6],
-        target_ip: vip,
-    }
-    .emit_frame(BROADCAST, interface_mac)
+pub fn gratuitous_arp(vip: Ipv4Addr, mac: Mac, interface_mac: Mac) -> Result<Vec<u8>, WireError> {
+    let mut f = vec![0u8; MIN_FRAME_LEN];
+    let n = rewrite::arp::write_gratuitous(&mut f, vip, MacAddr(mac), MacAddr(interface_mac))?;
+    f.truncate(n);
+    Ok(f)
 }
 
-/// The reply to `req` saying `req.target_ip` is at `mac`.
-pub fn arp_reply(req: &ArpRepr, mac: Mac, interface_mac: Mac) -> Vec<u8> {
-    ArpRepr {
-        op: ARP_REPLY,
-        sender_mac: mac,
-        sender_ip: req.target_ip,
-        target_mac: req.sender_mac,
-        target_ip: req.sender_ip,
-    }
-    .emit_frame(req.sender_mac, interface_mac)
+/// The reply to `req` saying `req.target_ip` is at `mac`, sent to the
+/// requester from the interface MAC.
+pub fn arp_reply(req: &ArpRepr, mac: Mac, interface_mac: Mac) -> Result<Vec<u8>, WireError> {
+    let mut f = vec![0u8; MIN_FRAME_LEN];
+    let n = rewrite::arp::write_reply(&mut f, req, MacAddr(mac), MacAddr(interface_mac))?;
+    f.truncate(n);
+    Ok(f)
 }
 
 /// Gratuitous ARP timing (keepalived's names): `repeat` ARPs per burst
@@ -284,20 +239,24 @@ impl ArpResponder {
             };
             // SAFETY: recv initialised the first n bytes.
             let frame: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
-            let Some(req) = ArpRepr::parse_frame(frame) else {
+            let Some(req) = parse_arp_frame(frame) else {
                 continue;
             };
-            if req.op != ARP_REQUEST || req.sender_ip == req.target_ip {
+            if req.op != ArpOp::Request || req.sender_ip == req.target_ip {
                 continue; // replies and other nodes' gratuitous ARPs
             }
             if let Some(mac) = decide(req.target_ip) {
-                let reply = arp_reply(&req, mac, self.interface_mac);
-                if let Err(e) = crate::driver::sock::send_frame(
-                    &self.sock,
-                    self.ifindex,
-                    req.sender_mac,
-                    &reply,
-                ) {
+                let sent = arp_reply(&req, mac, self.interface_mac)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                    .and_then(|reply| {
+                        crate::driver::sock::send_frame(
+                            &self.sock,
+                            self.ifindex,
+                            req.sender_mac.0,
+                            &reply,
+                        )
+                    });
+                if let Err(e) = sent {
                     tracing::warn!(error = %e, "arp reply send failed");
                 }
             }
@@ -343,32 +302,33 @@ mod tests {
 
     #[test]
     fn gratuitous_arp_round_trips() {
-        let f = gratuitous_arp(VIP, [0, 0, 0x5e, 0, 1, 51], IFMAC);
+        let f = gratuitous_arp(VIP, [0, 0, 0x5e, 0, 1, 51], IFMAC).expect("frame");
         assert_eq!(f.len(), 60);
         assert_eq!(&f[0..6], &BROADCAST);
         assert_eq!(&f[6..12], &IFMAC);
-        let r = ArpRepr::parse_frame(&f).expect("arp");
-        assert_eq!((r.op, r.sender_ip, r.target_ip), (ARP_REQUEST, VIP, VIP));
-        assert_eq!(r.sender_mac, [0, 0, 0x5e, 0, 1, 51]);
+        let r = parse_arp_frame(&f).expect("arp");
+        assert_eq!((r.op, r.sender_ip, r.target_ip), (ArpOp::Request, VIP, VIP));
+        assert_eq!(r.sender_mac, MacAddr([0, 0, 0x5e, 0, 1, 51]));
     }
 
     #[test]
     fn reply_answers_the_requester() {
         let req = ArpRepr {
-            op: ARP_REQUEST,
-            sender_mac: [2, 0, 0, 0, 0, 0x99],
+            op: ArpOp::Request,
+            sender_mac: MacAddr([2, 0, 0, 0, 0, 0x99]),
             sender_ip: Ipv4Addr::new(198, 18, 0, 2),
-            target_mac: [0; 6],
+            target_mac: MacAddr::ZERO,
             target_ip: VIP,
         };
-        let parsed = ArpRepr::parse_frame(&req.emit_frame(BROADCAST, req.sender_mac)).expect("arp");
-        assert_eq!(parsed, req);
-        let rep =
-            ArpRepr::parse_frame(&arp_reply(&req, [1, 0, 0x5e, 1, 2, 3], IFMAC)).expect("arp");
-        assert_eq!(rep.op, ARP_REPLY);
+        let f = arp_reply(&req, [1, 0, 0x5e, 1, 2, 3], IFMAC).expect("frame");
+        // To the requester, from the interface MAC, padded to 60 bytes.
+        assert_eq!(f.len(), 60);
+        assert_eq!((&f[0..6], &f[6..12]), (&req.sender_mac.0[..], &IFMAC[..]));
+        let rep = parse_arp_frame(&f).expect("arp");
+        assert_eq!(rep.op, ArpOp::Reply);
         assert_eq!(
             (rep.sender_ip, rep.sender_mac),
-            (VIP, [1, 0, 0x5e, 1, 2, 3])
+            (VIP, MacAddr([1, 0, 0x5e, 1, 2, 3]))
         );
         assert_eq!(
             (rep.target_ip, rep.target_mac),
@@ -378,14 +338,16 @@ mod tests {
 
     #[test]
     fn parse_rejects_non_arp_and_short_frames() {
-        assert_eq!(ArpRepr::parse_frame(&[0u8; 10]), None);
-        let mut f = gratuitous_arp(VIP, IFMAC, IFMAC);
+        assert_eq!(parse_arp_frame(&[0u8; 10]), None);
+        let mut f = gratuitous_arp(VIP, IFMAC, IFMAC).expect("frame");
         f[12] = 0x08;
         f[13] = 0x00;
-        assert_eq!(ArpRepr::parse_frame(&f), None);
-        let mut f = gratuitous_arp(VIP, IFMAC, IFMAC);
+        assert_eq!(parse_arp_frame(&f), None);
+        let mut f = gratuitous_arp(VIP, IFMAC, IFMAC).expect("frame");
         f[18] = 16; // hlen
-        assert_eq!(ArpRepr::parse_frame(&f), None);
+        assert_eq!(parse_arp_frame(&f), None);
+        let f = gratuitous_arp(VIP, IFMAC, IFMAC).expect("frame");
+        assert_eq!(parse_arp_frame(&f[..40]), None);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! [`vrrp::group`], [`member`], [`arp`] (decision and frame building).
 //! Drivers (I/O): [`driver`] runs the protocol on its own OS thread.
 pub mod arp;
-pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod driver;

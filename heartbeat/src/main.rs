@@ -92,22 +92,41 @@ fn status(socket: PathBuf, config: Option<PathBuf>, json: bool) -> anyhow::Resul
         s["node_name"].as_str().unwrap_or("")
     );
     println!(
-        "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8}  drops",
-        "instance", "iface", "vrid", "state", "prio", "base", "master", "sent", "recv"
+        "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8} {:>5} {:>8}  drops",
+        "instance",
+        "iface",
+        "vrid",
+        "state",
+        "prio",
+        "base",
+        "master",
+        "sent",
+        "recv",
+        "trans",
+        "maxgap"
     );
+    // serde_json::Value's Display ignores widths: format plain strings.
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
     for i in s["instances"].as_array().into_iter().flatten() {
+        let gap_ms = i["max_advert_gap_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
         println!(
-            "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8}  {}",
-            i["name"].as_str().unwrap_or(""),
-            i["interface"].as_str().unwrap_or(""),
-            i["vrid"],
-            i["state"].as_str().unwrap_or(""),
-            i["priority"],
-            i["base_priority"],
-            i["master"].as_str().unwrap_or("-"),
-            i["adverts_sent"],
-            i["adverts_received"],
-            i["drops"]
+            "{:<12} {:<8} {:>4} {:<10} {:>4} {:>4} {:<15} {:>8} {:>8} {:>5} {:>6.1}ms  {}",
+            text(&i["name"]),
+            text(&i["interface"]),
+            text(&i["vrid"]),
+            text(&i["state"]),
+            text(&i["priority"]),
+            text(&i["base_priority"]),
+            text(&i["master"]),
+            text(&i["adverts_sent"]),
+            text(&i["adverts_received"]),
+            text(&i["transitions"]),
+            gap_ms,
+            text(&i["drops"])
         );
     }
     println!("interface drops: {}", s["interface_drops"]);
@@ -136,7 +155,23 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    // Before any instance can become master: the kernel must not answer ARP
+    // for a VIP announced with another MAC (see driver::kernel_arp).
+    let table = driver::kernel_arp::table_name(cfg.node_id);
+    let quiet = driver::kernel_arp::quiet_addrs(&cfg, |i| driver::sock::interface_ipv4(i).ok());
+    let quiet_installed = match driver::kernel_arp::install(&table, &quiet) {
+        Ok(x) => {
+            if x {
+                tracing::info!(table = %table, addresses = quiet.len(), "kernel ARP for VIPs suppressed (nftables)");
+            }
+            x
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot keep the kernel from answering ARP for the VIPs; it may answer with the interface MAC");
+            false
+        }
+    };
+    let r = rt.block_on(async move {
         let (handle, exec_rx) = driver::start(&cfg)?;
         let exec = tokio::spawn(driver::exec::run(exec_rx));
         let scripts = tokio::spawn({
@@ -173,5 +208,10 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let s: Arc<NodeStatus> = status.borrow().clone();
         tracing::info!(stopped = s.stopped, "exit");
         anyhow::Ok(())
-    })
+    });
+    // Aliases are gone by now; the table goes last.
+    if quiet_installed && let Err(e) = driver::kernel_arp::remove(&table) {
+        tracing::warn!(error = %e, table = %table, "nftables table not removed");
+    }
+    r
 }

@@ -487,7 +487,7 @@ fn malformed_vrrp_changes_nothing_and_is_counted() -> Result<()> {
         max_adver_int: 10,
         addresses: vec![vip],
     };
-    let base = emit_ipv4_advert(&good, client, VRRP_GROUP_V4, 7);
+    let base = emit_ipv4_advert(&good, client, VRRP_GROUP_V4, 7)?;
     let mut pk = Vec::new();
     let mut ttl = base.clone();
     ttl[8] = 64;
@@ -510,11 +510,11 @@ fn malformed_vrrp_changes_nothing_and_is_counted() -> Result<()> {
         client,
         VRRP_GROUP_V4,
         8,
-    ));
+    )?);
     // Spoofed: our own address as source. The kernel drops it first (a
     // local source arriving from outside is a martian), so it is not in our
     // counters; the state check below still covers it.
-    pk.push(emit_ipv4_advert(&good, me, VRRP_GROUP_V4, 9));
+    pk.push(emit_ipv4_advert(&good, me, VRRP_GROUP_V4, 9)?);
     let mut rnd = base.clone();
     let mut x: u32 = 0x1234_5678;
     for byte in rnd[20..].iter_mut() {
@@ -532,7 +532,7 @@ fn malformed_vrrp_changes_nothing_and_is_counted() -> Result<()> {
         client,
         VRRP_GROUP_V4,
         10,
-    ));
+    )?);
     send_raw(&b.client, "front0", pk)?;
     std::thread::sleep(Duration::from_millis(400));
     let s = b.nodes[0].status().context("status")?;
@@ -560,7 +560,7 @@ fn malformed_vrrp_changes_nothing_and_is_counted() -> Result<()> {
 fn fix_ip_csum(p: &mut [u8]) {
     p[10] = 0;
     p[11] = 0;
-    let c = !heartbeat::checksum::data(&p[..20]);
+    let c = !rewrite::checksum::data(&p[..20]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
 }
 

@@ -14,11 +14,14 @@
 //! - **scripts** ([`run_scripts`], tokio tasks): tracked scripts.
 //! - **ARP responder** (optional, own thread): only for a non-interface ARP
 //!   MAC; the balancer replaces it with its dataplane and [`NodeStatus::arp_answer`].
+//!   The standalone daemon also keeps the kernel from answering for those
+//!   VIPs with the interface MAC ([`kernel_arp`]).
 //!
 //! The state stream is a `tokio::sync::watch` of [`NodeStatus`]; `borrow()`
 //! is usable from plain threads too.
 
 pub mod exec;
+pub mod kernel_arp;
 pub mod sock;
 
 use std::collections::BTreeMap;
@@ -60,6 +63,9 @@ pub struct InstanceStatus {
     pub adverts_sent: u64,
     pub adverts_received: u64,
     pub transitions: u64,
+    /// Largest gap between two received adverts within one state, in µs
+    /// ([`Instance::max_advert_gap`]); 0 until two have arrived.
+    pub max_advert_gap_us: u64,
     pub drops: BTreeMap<String, u64>,
 }
 
@@ -702,8 +708,10 @@ impl Proto {
                     };
                     for d in dests {
                         self.ip_ident = self.ip_ident.wrapping_add(1);
-                        let pkt = emit_ipv4_advert(&repr, f.primary, d, self.ip_ident);
-                        if let Err(e) = sock::send_ip(&f.vrrp, &pkt, d) {
+                        let sent = emit_ipv4_advert(&repr, f.primary, d, self.ip_ident)
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+                            .and_then(|pkt| sock::send_ip(&f.vrrp, &pkt, d));
+                        if let Err(e) = sent {
                             tracing::debug!(instance = %ic.name, error = %e, "advert send failed");
                         }
                     }
@@ -776,8 +784,12 @@ impl Proto {
             let f = &self.ifaces[c.iface];
             for _ in 0..n {
                 for a in &c.aliases {
-                    let frame = arp::gratuitous_arp(a.addr, c.mac, f.mac);
-                    if let Err(e) = sock::send_frame(&f.garp, f.index, arp::BROADCAST, &frame) {
+                    let sent = arp::gratuitous_arp(a.addr, c.mac, f.mac)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+                        .and_then(|frame| {
+                            sock::send_frame(&f.garp, f.index, arp::BROADCAST, &frame)
+                        });
+                    if let Err(e) = sent {
                         tracing::debug!(error = %e, "gratuitous arp send failed");
                     }
                 }
@@ -805,6 +817,7 @@ impl Proto {
                 adverts_sent: i.adverts_sent,
                 adverts_received: i.adverts_received,
                 transitions: i.transitions,
+                max_advert_gap_us: u64::try_from(i.max_advert_gap.as_micros()).unwrap_or(u64::MAX),
                 drops: i
                     .drops
                     .iter()

@@ -221,9 +221,6 @@ mod tests {
             src: Ipv4Addr::new(198, 18, 0, 12),
             dst: super::super::wire::VRRP_GROUP_V4,
             ttl: 255,
-            protocol: 112,
-            header_len: 20,
-            total_len: 32,
         };
         let repr = super::super::wire::Repr {
             vrid: 52,

@@ -173,7 +173,7 @@ impl From<super::wire::WireError> for DropReason {
         use super::wire::WireError as W;
         match e {
             W::Truncated => DropReason::Truncated,
-            W::BadIpHeader | W::NotVrrp => DropReason::BadIpHeader,
+            W::BadIpHeader | W::NotVrrp | W::Fragment => DropReason::BadIpHeader,
             W::BadVersion(_) => DropReason::BadVersion,
             W::BadType(_) => DropReason::BadType,
             W::BadChecksum => DropReason::BadChecksum,
@@ -207,16 +207,11 @@ impl DropCounters {
 
 /// Parses a packet as a raw IPv4 socket delivers it (IP header included)
 /// into its IPv4 facts and VRRP message: the instance-independent checks of
-/// §7.1 (completeness, version, type, checksum). TTL and the rest are
-/// checked per instance by [`Instance::validate`].
+/// §7.1 (completeness, version, type, checksum), each failure mapped to its
+/// drop reason. TTL and the rest are checked per instance by
+/// [`Instance::validate`].
 pub fn parse_ip_packet(buf: &[u8]) -> Result<(Ipv4Info, Repr), DropReason> {
-    let ip = Ipv4Info::parse(buf)?;
-    if ip.protocol != super::wire::IP_PROTO_VRRP {
-        return Err(DropReason::BadIpHeader);
-    }
-    let p = super::wire::Packet::new_checked(ip.payload(buf))?;
-    let repr = Repr::parse(&p, ip.src, ip.dst)?;
-    Ok((ip, repr))
+    Ok(super::wire::parse_ipv4_advert(buf)?)
 }
 
 /// Static configuration of one VRRP instance (already validated).
@@ -330,6 +325,16 @@ pub struct Instance {
     pub adverts_received: u64,
     pub adverts_sent: u64,
     pub transitions: u64,
+    /// Arrival of the last accepted advert since the last state change: the
+    /// baseline of [`Instance::max_advert_gap`].
+    last_advert_at: Option<Duration>,
+    /// Largest time between two consecutive accepted adverts within one
+    /// state. A backup takes over when it reaches Master_Down_Interval
+    /// (§6.4.2), so how close a segment comes to that (a loaded sender, a
+    /// lossy link) is what an operator wants to watch before a false
+    /// failover happens. Gaps across a state change are not counted (the
+    /// `transitions` counter covers those).
+    pub max_advert_gap: Duration,
 }
 
 impl Instance {
@@ -350,6 +355,8 @@ impl Instance {
             adverts_received: 0,
             adverts_sent: 0,
             transitions: 0,
+            last_advert_at: None,
+            max_advert_gap: Duration::ZERO,
         }
     }
 
@@ -440,6 +447,7 @@ impl Instance {
         tracing::info!(instance = %self.cfg.name, vrid = self.cfg.vrid, priority = self.priority, "state={from}=>{to}");
         self.state = to;
         self.transitions += 1;
+        self.last_advert_at = None;
         actions.push(Action::StateChanged { from, to });
     }
 
@@ -516,7 +524,13 @@ impl Instance {
                     return a;
                 }
                 self.adverts_received += 1;
+                if let Some(last) = self.last_advert_at {
+                    self.max_advert_gap = self.max_advert_gap.max(now.saturating_sub(last));
+                }
                 self.on_advert(ip.src, repr.priority, repr.max_adver_int, now, &mut a);
+                // After the step: an advert that changed the state is the
+                // first of the new state.
+                self.last_advert_at = Some(now);
             }
             Event::Fault(on) => {
                 self.own_fault = on;
@@ -674,9 +688,6 @@ mod tests {
                 src,
                 dst: VRRP_GROUP_V4,
                 ttl: 255,
-                protocol: 112,
-                header_len: 20,
-                total_len: 32,
             },
             repr: Repr {
                 vrid: 51,
@@ -1183,14 +1194,41 @@ mod tests {
             max_adver_int: 100,
             addresses: vec![VIP],
         };
-        let mut b = super::super::wire::emit_ipv4_advert(&r, ME, VRRP_GROUP_V4, 1);
+        let mut b = super::super::wire::emit_ipv4_advert(&r, ME, VRRP_GROUP_V4, 1).expect("emit");
         assert!(parse_ip_packet(&b).is_ok());
         b[20 + 7] ^= 1;
         assert_eq!(parse_ip_packet(&b).err(), Some(DropReason::BadChecksum));
         b[20] = 0x21;
         assert_eq!(parse_ip_packet(&b).err(), Some(DropReason::BadVersion));
-        b[9] = 17;
+        b[9] = 17; // also breaks the IPv4 header checksum
         assert_eq!(parse_ip_packet(&b).err(), Some(DropReason::BadIpHeader));
+    }
+
+    #[test]
+    fn max_advert_gap_tracks_the_largest_gap_within_one_state() {
+        let mut i = started(100, 100, true);
+        assert_eq!(i.max_advert_gap, Duration::ZERO);
+        i.step(advert_from(HIGHER_IP, 200, 100), ms(700));
+        assert_eq!(i.max_advert_gap, Duration::ZERO, "one advert is no gap");
+        i.step(advert_from(HIGHER_IP, 200, 100), ms(1700));
+        i.step(advert_from(HIGHER_IP, 200, 100), ms(3000));
+        i.step(advert_from(HIGHER_IP, 200, 100), ms(3900));
+        assert_eq!(i.max_advert_gap, ms(1300));
+        // Dropped adverts do not count.
+        i.step(
+            with_ip(advert_from(HIGHER_IP, 200, 100), |ip, _| ip.ttl = 1),
+            ms(4000),
+        );
+        assert_eq!(i.max_advert_gap, ms(1300));
+        // Master-down fires: the silence that caused it is a transition, not
+        // a gap; the first advert after it starts a new baseline.
+        let t = ms(3900) + master_down_interval(100, 100);
+        i.step(Event::Timer, t);
+        assert_eq!(i.state(), State::Master);
+        i.step(advert_from(LOWER_IP, 50, 100), t + ms(5000));
+        assert_eq!(i.max_advert_gap, ms(1300));
+        i.step(advert_from(LOWER_IP, 50, 100), t + ms(5100));
+        assert_eq!(i.max_advert_gap, ms(1300));
     }
 
     #[test]

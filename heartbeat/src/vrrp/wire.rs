@@ -1,5 +1,6 @@
-//! VRRPv3 advertisement format (RFC 5798 §5) for IPv4, and the minimal IPv4
-//! header handling needed to send and receive it on a raw socket.
+//! VRRPv3 advertisement format (RFC 5798 §5) for IPv4. The IPv4 header
+//! around it is read and written with `rewrite::ipv4` and the checksums come
+//! from `rewrite::checksum`: one owner per format in the workspace.
 //!
 //! ```text
 //!  0                   1                   2                   3
@@ -12,11 +13,12 @@
 //! |                       IPvX Address(es)                        |
 //! ```
 //!
-//! Raw byte indexing happens only in this file.
+//! Raw byte indexing of VRRP messages happens only in this file.
 
 use std::net::Ipv4Addr;
 
-use crate::checksum;
+use rewrite::ipv4::{Ipv4Packet, Ipv4Repr};
+use rewrite::{Checksum, checksum};
 
 /// IP protocol number of VRRP (RFC 5798 §5.1.1.4).
 pub const IP_PROTO_VRRP: u8 = rewrite::flow::proto::VRRP;
@@ -40,6 +42,8 @@ pub enum WireError {
     BadIpHeader,
     #[error("IP protocol is not VRRP")]
     NotVrrp,
+    #[error("IPv4 fragment")]
+    Fragment,
     #[error("VRRP version {0} is not 3")]
     BadVersion(u8),
     #[error("VRRP type {0} is not ADVERTISEMENT")]
@@ -147,7 +151,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return false;
         };
         let sum = checksum::combine(&[
-            checksum::pseudo_header_v4(src, dst, IP_PROTO_VRRP, len),
+            checksum::pseudo_header(src, dst, IP_PROTO_VRRP, len),
             checksum::data(msg),
         ]);
         sum == 0xffff
@@ -187,7 +191,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         let len = self.message_len();
         let msg = &self.buffer.as_ref()[..len];
         let sum = checksum::combine(&[
-            checksum::pseudo_header_v4(src, dst, IP_PROTO_VRRP, len as u16),
+            checksum::pseudo_header(src, dst, IP_PROTO_VRRP, len as u16),
             checksum::data(msg),
         ]);
         self.set_checksum(!sum);
@@ -271,71 +275,79 @@ impl Repr {
     }
 }
 
-/// The IPv4 header fields VRRP validation needs (RFC 791). This minimal
-/// reader is here until the `rewrite` crate's IPv4 view lands on main.
+/// The IPv4 facts the per-instance checks of RFC 5798 §7.1 need (source,
+/// destination, TTL), taken from `rewrite::ipv4`'s parse. A plain `Copy`
+/// value so that the state machine's events do not borrow the receive
+/// buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv4Info {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub ttl: u8,
-    pub protocol: u8,
-    /// Header length in bytes (IHL * 4).
-    pub header_len: usize,
-    /// Total length from the header, bounded by the buffer.
-    pub total_len: usize,
 }
 
-impl Ipv4Info {
-    /// Reads an IPv4 header as a raw IP socket delivers it.
-    pub fn parse(b: &[u8]) -> Result<Ipv4Info, WireError> {
-        if b.len() < 20 {
-            return Err(WireError::Truncated);
+impl From<&Ipv4Repr<'_>> for Ipv4Info {
+    fn from(r: &Ipv4Repr<'_>) -> Self {
+        Ipv4Info {
+            src: r.src,
+            dst: r.dst,
+            ttl: r.ttl,
         }
-        if b[0] >> 4 != 4 {
-            return Err(WireError::BadIpHeader);
-        }
-        let header_len = usize::from(b[0] & 0x0f) * 4;
-        let total_len = usize::from(u16::from_be_bytes([b[2], b[3]]));
-        if header_len < 20 || total_len < header_len {
-            return Err(WireError::BadIpHeader);
-        }
-        if b.len() < header_len || b.len() < total_len {
-            return Err(WireError::Truncated);
-        }
-        Ok(Ipv4Info {
-            src: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
-            dst: Ipv4Addr::new(b[16], b[17], b[18], b[19]),
-            ttl: b[8],
-            protocol: b[9],
-            header_len,
-            total_len,
-        })
-    }
-
-    /// The payload of `b` (which `parse` accepted).
-    pub fn payload<'a>(&self, b: &'a [u8]) -> &'a [u8] {
-        b.get(self.header_len..self.total_len).unwrap_or(&[])
     }
 }
 
-/// Builds a complete IPv4 packet carrying a VRRP advertisement: TTL 255,
-/// TOS 0xc0 (internetwork control, as keepalived sends), DF clear.
-pub fn emit_ipv4_advert(repr: &Repr, src: Ipv4Addr, dst: Ipv4Addr, ident: u16) -> Vec<u8> {
+/// Parses a datagram as a raw IPv4 socket delivers it (header included):
+/// the IPv4 header through `rewrite::ipv4` (lengths, version, header
+/// checksum), then the VRRP message ([`Repr::parse`]: completeness, version,
+/// type, checksum with the pseudo-header).
+pub fn parse_ipv4_advert(buf: &[u8]) -> Result<(Ipv4Info, Repr), WireError> {
+    let p = Ipv4Packet::new_checked(buf).map_err(|e| match e {
+        // For a raw socket a total length past the buffer means the
+        // datagram was cut short.
+        rewrite::WireError::Truncated | rewrite::WireError::BadTotalLength => WireError::Truncated,
+        _ => WireError::BadIpHeader,
+    })?;
+    let ip = Ipv4Repr::parse(&p, Checksum::Check).map_err(|_| WireError::BadIpHeader)?;
+    if ip.protocol != IP_PROTO_VRRP {
+        return Err(WireError::NotVrrp);
+    }
+    // The kernel reassembles before raw delivery; a fragment here is forged.
+    if ip.more_frags || ip.frag_offset != 0 {
+        return Err(WireError::Fragment);
+    }
+    let v = Packet::new_checked(p.payload())?;
+    let repr = Repr::parse(&v, ip.src, ip.dst)?;
+    Ok((Ipv4Info::from(&ip), repr))
+}
+
+/// Builds a complete IPv4 packet carrying a VRRP advertisement: TTL 255
+/// (§5.1.1.3), TOS 0xc0 (internetwork control, as keepalived sends), DF
+/// clear, header checksum filled.
+pub fn emit_ipv4_advert(
+    repr: &Repr,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ident: u16,
+) -> Result<Vec<u8>, rewrite::WireError> {
     let payload = repr.to_bytes(src, dst);
-    let total = 20 + payload.len();
-    let mut b = vec![0u8; total];
-    b[0] = 0x45;
-    b[1] = 0xc0;
-    b[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    b[4..6].copy_from_slice(&ident.to_be_bytes());
-    b[8] = VRRP_TTL;
-    b[9] = IP_PROTO_VRRP;
-    b[12..16].copy_from_slice(&src.octets());
-    b[16..20].copy_from_slice(&dst.octets());
-    let c = !checksum::data(&b[..20]);
-    b[10..12].copy_from_slice(&c.to_be_bytes());
-    b[20..].copy_from_slice(&payload);
-    b
+    let ip = Ipv4Repr {
+        src,
+        dst,
+        protocol: IP_PROTO_VRRP,
+        payload_len: u16::try_from(payload.len())
+            .map_err(|_| rewrite::WireError::BadTotalLength)?,
+        ttl: VRRP_TTL,
+        dscp_ecn: 0xc0,
+        ident,
+        dont_frag: false,
+        more_frags: false,
+        frag_offset: 0,
+        options: &[],
+    };
+    let mut b = vec![0u8; ip.buffer_len() + payload.len()];
+    let hl = ip.emit(&mut b, Checksum::Check)?;
+    b[hl..].copy_from_slice(&payload);
+    Ok(b)
 }
 
 #[cfg(test)]
@@ -353,9 +365,17 @@ mod tests {
         &frame[14..]
     }
 
+    /// The IPv4 facts (through `rewrite::ipv4`) and the VRRP payload.
+    fn ip_parts(frame: &[u8]) -> (Ipv4Info, u8, &[u8]) {
+        let p = Ipv4Packet::new_checked(ip_of(frame)).expect("ipv4");
+        let r = Ipv4Repr::parse(&p, Checksum::Check).expect("ipv4 checksum");
+        let payload = &ip_of(frame)[p.header_len()..usize::from(p.total_len())];
+        (Ipv4Info::from(&r), r.protocol, payload)
+    }
+
     fn parse_frame(frame: &[u8]) -> (Ipv4Info, Result<Repr, WireError>) {
-        let ip = Ipv4Info::parse(ip_of(frame)).expect("ipv4");
-        let p = Packet::new_checked(ip.payload(ip_of(frame))).expect("len");
+        let (ip, _, payload) = ip_parts(frame);
+        let p = Packet::new_checked(payload).expect("len");
         (ip, Repr::parse(&p, ip.src, ip.dst))
     }
 
@@ -363,7 +383,7 @@ mod tests {
     fn test_parse_keepalived_two_addresses_one_second() {
         let (ip, r) = parse_frame(KA_VRID51);
         assert_eq!(ip.ttl, 255);
-        assert_eq!(ip.protocol, IP_PROTO_VRRP);
+        assert_eq!(ip_parts(KA_VRID51).1, IP_PROTO_VRRP);
         assert_eq!(ip.dst, VRRP_GROUP_V4);
         assert_eq!(ip.src, Ipv4Addr::new(198, 18, 0, 21));
         assert_eq!(
@@ -403,7 +423,7 @@ mod tests {
         for f in [KA_VRID51, KA_VRID52, KA_VRID51_STOP, KA_VRID52_STOP] {
             let (ip, r) = parse_frame(f);
             let r = r.expect("valid");
-            assert_eq!(r.to_bytes(ip.src, ip.dst), ip.payload(ip_of(f)));
+            assert_eq!(r.to_bytes(ip.src, ip.dst), ip_parts(f).2);
         }
     }
 
@@ -411,7 +431,7 @@ mod tests {
     fn test_emit_ipv4_matches_keepalived_header_except_ident() {
         let (ip, r) = parse_frame(KA_VRID51);
         let ident = u16::from_be_bytes([ip_of(KA_VRID51)[4], ip_of(KA_VRID51)[5]]);
-        let ours = emit_ipv4_advert(&r.expect("valid"), ip.src, ip.dst, ident);
+        let ours = emit_ipv4_advert(&r.expect("valid"), ip.src, ip.dst, ident).expect("emit");
         assert_eq!(ours, ip_of(KA_VRID51));
     }
 
@@ -419,7 +439,7 @@ mod tests {
     fn test_checksum_without_pseudo_header_is_rejected() {
         // A VRRPv2-style checksum (message only) must fail the v3 check.
         let (ip, _) = parse_frame(KA_VRID52);
-        let mut msg = ip.payload(ip_of(KA_VRID52)).to_vec();
+        let mut msg = ip_parts(KA_VRID52).2.to_vec();
         msg[6] = 0;
         msg[7] = 0;
         let c = !checksum::data(&msg);
@@ -431,7 +451,7 @@ mod tests {
     #[test]
     fn test_checksum_depends_on_source_address() {
         let (ip, _) = parse_frame(KA_VRID52);
-        let p = Packet::new_checked(ip.payload(ip_of(KA_VRID52))).expect("len");
+        let p = Packet::new_checked(ip_parts(KA_VRID52).2).expect("len");
         assert_eq!(
             Repr::parse(&p, Ipv4Addr::new(198, 18, 0, 22), ip.dst),
             Err(WireError::BadChecksum)
@@ -488,19 +508,41 @@ mod tests {
     }
 
     #[test]
-    fn test_ipv4_info_rejects_garbage_without_panic() {
-        assert_eq!(Ipv4Info::parse(&[]), Err(WireError::Truncated));
-        assert_eq!(Ipv4Info::parse(&[0x65; 20]), Err(WireError::BadIpHeader));
-        let mut h = [0u8; 20];
-        h[0] = 0x4f; // IHL 60 > buffer
-        h[3] = 60;
-        assert_eq!(Ipv4Info::parse(&h), Err(WireError::Truncated));
-        // Every prefix of a real packet parses or errors, never panics.
+    fn test_parse_ipv4_advert_whole_keepalived_packets() {
+        for f in [KA_VRID51, KA_VRID52, KA_VRID51_STOP, KA_VRID52_STOP] {
+            let (ip, r) = parse_ipv4_advert(ip_of(f)).expect("valid");
+            assert_eq!(ip, parse_frame(f).0);
+            assert_eq!(Ok(r), parse_frame(f).1);
+        }
+    }
+
+    #[test]
+    fn test_parse_ipv4_advert_rejects_garbage_without_panic() {
+        assert_eq!(parse_ipv4_advert(&[]), Err(WireError::Truncated));
+        assert_eq!(parse_ipv4_advert(&[0x65; 20]), Err(WireError::BadIpHeader));
         let ip = ip_of(KA_VRID51);
+        // A bad IPv4 header checksum.
+        let mut b = ip.to_vec();
+        b[10] ^= 0xff;
+        assert_eq!(parse_ipv4_advert(&b), Err(WireError::BadIpHeader));
+        // Another protocol (header checksum fixed up).
+        let mut b = ip.to_vec();
+        b[9] = 17;
+        Ipv4Packet::new_checked(&mut b[..])
+            .expect("ipv4")
+            .fill_checksum();
+        assert_eq!(parse_ipv4_advert(&b), Err(WireError::NotVrrp));
+        // A forged fragment.
+        let mut b = ip.to_vec();
+        b[6] = 0x20; // MF
+        Ipv4Packet::new_checked(&mut b[..])
+            .expect("ipv4")
+            .fill_checksum();
+        assert_eq!(parse_ipv4_advert(&b), Err(WireError::Fragment));
+        // Every prefix of a real packet parses or errors, never panics; a
+        // cut inside the datagram is Truncated.
         for n in 0..ip.len() {
-            if let Ok(i) = Ipv4Info::parse(&ip[..n]) {
-                let _ = Packet::new_checked(i.payload(&ip[..n]));
-            }
+            assert!(parse_ipv4_advert(&ip[..n]).is_err(), "{n}");
         }
     }
 }
