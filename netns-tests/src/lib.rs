@@ -5,5 +5,6 @@
 pub mod client;
 pub mod cluster;
 pub mod drill;
+pub mod experiments;
 pub mod single;
 pub mod topo;

@@ -9,15 +9,66 @@
 //! ip:port as seen by the server>`. Any other path answers 13 bytes.
 //! UDP: each datagram is answered with `<name> <peer> ` followed by the
 //! datagram's own bytes.
+//!
+//! Capacity emulation (for `experiments`; off by default): `--delay-ms N`
+//! holds every HTTP request N ms before it is answered (service time), and
+//! `--workers N` lets at most N requests be in service at once; the others
+//! wait their turn in arrival order (a queue, as in a server with N worker
+//! threads). Such a server does at most `workers * 1000 / delay-ms`
+//! requests per second, without burning CPU.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Service time and worker limit of HTTP requests (`--delay-ms`,
+/// `--workers`); the default does neither.
+#[derive(Default)]
+struct Capacity {
+    delay: Duration,
+    /// 0 = unlimited.
+    workers: usize,
+    /// (tickets handed out, tickets served so far): a FIFO ticket lock
+    /// admitting `workers` at once.
+    queue: Mutex<(u64, u64)>,
+    turn: Condvar,
+}
+
+impl Capacity {
+    /// Holds the calling request for its service time, after waiting for a
+    /// free worker.
+    fn serve_one(&self) {
+        if self.workers == 0 {
+            if !self.delay.is_zero() {
+                std::thread::sleep(self.delay);
+            }
+            return;
+        }
+        let Ok(mut q) = self.queue.lock() else { return };
+        let ticket = q.0;
+        q.0 += 1;
+        // In service once fewer than `workers` earlier tickets are unfinished.
+        while ticket >= q.1 + self.workers as u64 {
+            q = match self.turn.wait(q) {
+                Ok(q) => q,
+                Err(_) => return,
+            };
+        }
+        drop(q);
+        std::thread::sleep(self.delay);
+        if let Ok(mut q) = self.queue.lock() {
+            q.1 += 1;
+        }
+        self.turn.notify_all();
+    }
+}
 
 fn body_byte(i: usize) -> u8 {
     b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36]
 }
 
-fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
+fn serve(stream: TcpStream, name: &str, cap: &Capacity) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
@@ -40,6 +91,7 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
                 break;
             }
         }
+        cap.serve_one();
         let path = line.split_whitespace().nth(1).unwrap_or("/");
         let size = path
             .strip_prefix("/size/")
@@ -71,18 +123,31 @@ fn main() {
     let mut name = String::from("server");
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut cap = Capacity::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--name" => name = args.next().unwrap_or_default(),
             "--tcp" => tcp.extend(args.next()),
             "--udp" => udp.extend(args.next()),
+            "--delay-ms" | "--workers" => {
+                let Some(n) = args.next().and_then(|v| v.parse::<u64>().ok()) else {
+                    eprintln!("testsrv: {a} needs a number");
+                    std::process::exit(2);
+                };
+                if a == "--delay-ms" {
+                    cap.delay = Duration::from_millis(n);
+                } else {
+                    cap.workers = n as usize;
+                }
+            }
             other => {
                 eprintln!("testsrv: unknown argument {other}");
                 std::process::exit(2);
             }
         }
     }
+    let cap = Arc::new(cap);
     let mut threads = Vec::new();
     for addr in tcp {
         let l = match TcpListener::bind(&addr) {
@@ -93,11 +158,13 @@ fn main() {
             }
         };
         let name = name.clone();
+        let cap = cap.clone();
         threads.push(std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 let name = name.clone();
+                let cap = cap.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(s, &name);
+                    let _ = serve(s, &name, &cap);
                 });
             }
         }));

@@ -24,6 +24,26 @@ pub struct Mark {
 
 /// Writes an SVG of `bins` (width `bin_s` seconds) with `marks`.
 pub fn svg(path: &Path, title: &str, bins: &[Bin], bin_s: f64, marks: &[Mark]) -> Result<()> {
+    svg_with_x(
+        path,
+        title,
+        "seconds since the fault (requests by send time)",
+        bins,
+        bin_s,
+        marks,
+    )
+}
+
+/// [`svg`] with another description of the x axis (`experiments` bins by
+/// time since the load started).
+pub fn svg_with_x(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    bins: &[Bin],
+    bin_s: f64,
+    marks: &[Mark],
+) -> Result<()> {
     let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
     let x0 = bins.first().map_or(-1.0, |b| b.t);
     let x1 = bins.last().map_or(1.0, |b| b.t + bin_s);
@@ -45,7 +65,7 @@ pub fn svg(path: &Path, title: &str, bins: &[Bin], bin_s: f64, marks: &[Mark]) -
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
-        .x_desc("seconds since the fault (requests by send time)")
+        .x_desc(x_desc)
         .y_desc(format!("requests per {} ms", (bin_s * 1000.0).round()))
         .draw()
         .map_err(|x| e(&x))?;
