@@ -251,7 +251,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
         Engine::new(config, ifs, back_local, stats.clone())?.with_seed(crate::sched::random_seed());
     let peers = match &config.cluster {
         Some(c) => {
-            let mut p = crate::peers::Peers::start(config, c)?;
+            let mut p = crate::peers::Peers::start(config, c, stats.clone())?;
             engine = engine.with_cluster(p.shared.clone());
             if let Some((commands, ready)) = p.take_dataplane_ends() {
                 let front_addr = front_addr.ok_or_else(|| NodeError::Io {

@@ -44,6 +44,7 @@ pub enum PeersError {
 pub struct Peers {
     pub handle: Handle,
     pub shared: SharedView,
+    stats: Arc<crate::stats::Stats>,
     me: u32,
     params: TableParams,
     cluster: Cluster,
@@ -148,7 +149,11 @@ fn owners(status: &NodeStatus, universe: &[u32], me_owns: bool) -> Vec<(u32, u16
 
 impl Peers {
     /// Starts the embedded heartbeat (its sockets and protocol thread).
-    pub fn start(config: &Config, cluster: &Cluster) -> Result<Peers, PeersError> {
+    pub fn start(
+        config: &Config,
+        cluster: &Cluster,
+        stats: Arc<crate::stats::Stats>,
+    ) -> Result<Peers, PeersError> {
         let hb = heartbeat::config::Config::load(&cluster.heartbeat)
             .map_err(|e| PeersError::HeartbeatConfig(e.to_string()))?;
         if !hb
@@ -184,6 +189,7 @@ impl Peers {
             .map_or(std::time::Duration::from_secs(1), |m| m.interval);
         Ok(Peers {
             handle,
+            stats,
             shared: Arc::new(ArcSwap::from_pointee(first)),
             me: hb.node_id,
             params,
@@ -332,6 +338,16 @@ impl Peers {
                     version,
                 ) {
                     Ok(v) => {
+                        self.stats
+                            .cluster
+                            .store(Some(Arc::new(crate::stats::ClusterStatus {
+                                node_id: v.me,
+                                mac_holder: v.mac_holder,
+                                live: v.live.clone(),
+                                buckets: v.table.counts(),
+                                unowned: v.table.unowned(),
+                                version: v.version,
+                            })));
                         tracing::info!(live = ?v.live, owners = ?now.0, mac_holder = holder, "cluster view changed");
                         self.shared.store(Arc::new(v));
                         last = Some(now);

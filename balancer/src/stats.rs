@@ -327,7 +327,27 @@ pub struct Stats {
     /// Director mode: client frames the MAC holder passed to the node
     /// owning their flow.
     pub passed: AtomicU64,
+    /// Cluster mode: what this node knows of the cluster (published by the
+    /// control plane on every change).
+    pub cluster: arc_swap::ArcSwapOption<ClusterStatus>,
     node: String,
+}
+
+/// The cluster as one node sees it, for `balancer status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's id.
+    pub node_id: u32,
+    /// This node answers ARP for the VIPs (VRRP master of the front instance).
+    pub mac_holder: bool,
+    /// Live members.
+    pub live: Vec<u32>,
+    /// Buckets owned per node id (every bucket of the table).
+    pub buckets: Vec<(u32, u32)>,
+    /// Buckets with no owner.
+    pub unowned: u32,
+    /// Changes of the view since start.
+    pub version: u64,
 }
 
 impl Stats {
@@ -377,6 +397,7 @@ impl Stats {
             ],
             arp_replies: AtomicU64::new(0),
             passed: AtomicU64::new(0),
+            cluster: arc_swap::ArcSwapOption::empty(),
             node: config.node.name.clone(),
         }
     }
@@ -558,6 +579,7 @@ impl Stats {
                 .collect(),
             arp_replies: self.arp_replies.load(Relaxed),
             passed: self.passed.load(Relaxed),
+            cluster: self.cluster.load_full().map(|c| (*c).clone()),
         }
     }
 }
@@ -683,7 +705,25 @@ impl StatusSnapshot {
                 n.role, n.name, n.rx_frames, n.tx_frames
             )?;
         }
-        writeln!(out, "ARP replies sent: {}", self.arp_replies)
+        writeln!(out, "ARP replies sent: {}", self.arp_replies)?;
+        if let Some(c) = &self.cluster {
+            let buckets: Vec<String> = c
+                .buckets
+                .iter()
+                .map(|(id, n)| format!("{id}:{n}"))
+                .collect();
+            writeln!(
+                out,
+                "Cluster: node {}, MAC holder {}, live {:?}, buckets {} (unowned {}), view {}",
+                c.node_id,
+                if c.mac_holder { "yes" } else { "no" },
+                c.live,
+                buckets.join(" "),
+                c.unowned,
+                c.version
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -712,6 +752,9 @@ pub struct StatusSnapshot {
     /// Director mode: frames passed to the owning node.
     #[serde(default)]
     pub passed: u64,
+    /// Cluster mode: members, bucket owners, MAC holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

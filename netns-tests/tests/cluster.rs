@@ -70,6 +70,21 @@ fn two_nodes_share_flows_by_bucket_and_none_is_served_twice() -> Result<()> {
         (share - 0.5).abs() <= 0.05,
         "lb1's share {share:.3}, expected 0.5 ± 0.05"
     );
+    // `balancer status` shows the cluster: one MAC holder, both nodes live,
+    // the same bucket split on both, no bucket without an owner.
+    let (c1, c2) = (&s1["cluster"], &s2["cluster"]);
+    ensure!(
+        c1["mac_holder"] == true && c2["mac_holder"] == false,
+        "MAC holders: {c1} / {c2}"
+    );
+    ensure!(
+        c1["buckets"] == c2["buckets"] && c1["unowned"] == 0,
+        "bucket tables differ: {c1} / {c2}"
+    );
+    ensure!(
+        c1["live"].as_array().map(Vec::len) == Some(2),
+        "live members: {c1}"
+    );
     Ok(())
 }
 
