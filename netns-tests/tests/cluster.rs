@@ -133,6 +133,44 @@ fn gap_ms(v: &[(u64, bool)]) -> u64 {
     worst
 }
 
+type LongConn = (netns_tests::client::HttpConn, String);
+
+/// Opens `n` keep-alive connections through the VIP (in the client's
+/// namespace) and notes which server each reached.
+fn open_long(n: usize) -> Result<Vec<LongConn>> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
+        let server = h.get(100, false)?.server;
+        v.push((h, server));
+    }
+    Ok(v)
+}
+
+/// Exercises long-lived connections (a request of `size` bytes each every
+/// 100 ms for `length`); returns the indices of those that broke or moved
+/// to another server.
+fn exercise(mut conns: Vec<LongConn>, length: Duration, size: usize) -> Vec<usize> {
+    let mut broken = Vec::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < length {
+        for (i, (h, server)) in conns.iter_mut().enumerate() {
+            if broken.contains(&i) {
+                continue;
+            }
+            match h.get(size, false) {
+                Ok(r) if r.server == *server && r.body_ok => {}
+                other => {
+                    eprintln!("connection {i} to {server}: {other:?}");
+                    broken.push(i);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    broken
+}
+
 fn two_nodes(
     tag: &str,
 ) -> Result<(
@@ -213,17 +251,7 @@ fn sigterm_of_a_node_hands_over() -> Result<()> {
 fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
     let (c, _srv, nodes) = two_nodes("cl-sync")?;
     // Open connections until some are served by each node's sub-cluster.
-    let conns = c
-        .client
-        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
-            let mut v = Vec::new();
-            for _ in 0..12 {
-                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
-                let server = h.get(100, false)?.server;
-                v.push((h, server));
-            }
-            Ok(v)
-        })??;
+    let conns = c.client.in_ns(|| open_long(12))??;
     let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
     ensure!(
         on_rs1 > 0 && on_rs1 < conns.len(),
@@ -237,27 +265,9 @@ fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )?;
-    let broken = c.client.in_ns(move || {
-        let mut conns = conns;
-        let mut broken = Vec::new();
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < Duration::from_secs(4) {
-            for (i, (h, server)) in conns.iter_mut().enumerate() {
-                if broken.contains(&i) {
-                    continue;
-                }
-                match h.get(2000, false) {
-                    Ok(r) if r.server == *server && r.body_ok => {}
-                    other => {
-                        eprintln!("connection {i} to {server}: {other:?}");
-                        broken.push(i);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        broken
-    })?;
+    let broken = c
+        .client
+        .in_ns(move || exercise(conns, Duration::from_secs(4), 2000))?;
     println!(
         "FIGURE cluster SIGKILL: {} of 12 long-lived NAT connections broken ({on_rs1} were on the killed node)",
         broken.len()
@@ -275,40 +285,12 @@ fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
 #[test]
 fn restarted_node_pulls_the_table_before_owning_buckets() -> Result<()> {
     let (c, _srv, mut nodes) = two_nodes("cl-restart")?;
-    let conns = c
-        .client
-        .in_ns(|| -> Result<Vec<(netns_tests::client::HttpConn, String)>> {
-            let mut v = Vec::new();
-            for _ in 0..12 {
-                let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
-                let server = h.get(100, false)?.server;
-                v.push((h, server));
-            }
-            Ok(v)
-        })??;
+    let conns = c.client.in_ns(|| open_long(12))??;
     std::thread::sleep(Duration::from_millis(200));
     nodes[0].kill();
-    let load = c.client.spawn_in_ns(move || {
-        let mut conns = conns;
-        let mut broken = Vec::new();
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < Duration::from_secs(7) {
-            for (i, (h, server)) in conns.iter_mut().enumerate() {
-                if broken.contains(&i) {
-                    continue;
-                }
-                match h.get(1000, false) {
-                    Ok(r) if r.server == *server && r.body_ok => {}
-                    other => {
-                        eprintln!("connection {i} to {server}: {other:?}");
-                        broken.push(i);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        broken
-    });
+    let load = c
+        .client
+        .spawn_in_ns(move || exercise(conns, Duration::from_secs(7), 1000));
     std::thread::sleep(Duration::from_secs(2));
     let cfg1 = c.dir().join("lb1.toml");
     nodes[0] = c.start_node(1, &cfg1)?;
