@@ -243,3 +243,46 @@ pub fn wait_listening(host: &Host, port: u16) -> Result<()> {
         bail!("nothing listens on port {port} in {}", host.ns())
     }
 }
+
+/// Services of the single-node tests and the demo: `web` TCP 80 by weight
+/// over the node's local service (1), rs1 and rs2 by NAT (1 and 2), and
+/// `web-dr` TCP 81 by DR to rs3.
+pub const MIXED_SERVICES: &str = r#"
+[[service]]
+name = "web"
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+scheduler = "wrr"
+
+[[service.backend]]
+name = "local"
+forward = "local"
+weight = 1
+
+[[service.backend]]
+name = "rs1"
+address = "198.19.0.21"
+port = 8080
+weight = 1
+forward = "nat"
+
+[[service.backend]]
+name = "rs2"
+address = "198.19.0.22"
+port = 8080
+weight = 2
+forward = "nat"
+
+[[service]]
+name = "web-dr"
+vip = "198.18.0.100"
+port = 81
+protocol = "tcp"
+scheduler = "rr"
+
+[[service.backend]]
+name = "rs3"
+address = "198.19.0.23"
+forward = "dr"
+"#;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use netns_tests::client::{HttpConn, http_get, udp_request};
-use netns_tests::single::{CLIENT, Options, SingleNode, VIP};
+use netns_tests::single::{CLIENT, MIXED_SERVICES, Options, SingleNode, VIP};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -141,48 +141,6 @@ fn nat_long_lived_connection_keeps_its_server() -> Result<()> {
     Ok(())
 }
 
-fn mixed_services() -> &'static str {
-    r#"
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
-
-[[service.backend]]
-name = "local"
-forward = "local"
-weight = 1
-
-[[service.backend]]
-name = "rs1"
-address = "198.19.0.21"
-port = 8080
-weight = 1
-forward = "nat"
-
-[[service.backend]]
-name = "rs2"
-address = "198.19.0.22"
-port = 8080
-weight = 2
-forward = "nat"
-
-[[service]]
-name = "web-dr"
-vip = "198.18.0.100"
-port = 81
-protocol = "tcp"
-scheduler = "rr"
-
-[[service.backend]]
-name = "rs3"
-address = "198.19.0.23"
-forward = "dr"
-"#
-}
-
 /// Direct routing: the real server holds the VIP on lo and answers the
 /// client itself (through the router); responses of many segments arrive
 /// whole, and the server saw the client's address.
@@ -197,7 +155,7 @@ fn dr_serves_http_of_several_sizes_and_a_long_connection() -> Result<()> {
     )?;
     let _srv = t.start_servers(8080, &[81])?;
     let _local = t.start_local_service(80)?;
-    let cfg = t.write_config(mixed_services())?;
+    let cfg = t.write_config(MIXED_SERVICES)?;
     let _lb = t.start_balancer(&cfg)?;
     let (replies, long) = t.client.in_ns(|| -> Result<_> {
         let mut v = Vec::new();
@@ -240,7 +198,7 @@ fn weighted_shares_over_local_and_nat_backends() -> Result<()> {
     let t = SingleNode::new("weights", &Options::default())?;
     let _srv = t.start_servers(8080, &[])?;
     let _local = t.start_local_service(80)?;
-    let cfg = t.write_config(mixed_services())?;
+    let cfg = t.write_config(MIXED_SERVICES)?;
     let _lb = t.start_balancer(&cfg)?;
     const N: usize = 400;
     let servers = t.client.in_ns(|| -> Result<Vec<String>> {

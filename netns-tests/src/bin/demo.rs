@@ -10,48 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use netns_tests::client::{HttpConn, http_get, udp_request};
-use netns_tests::single::{CLIENT, Options, SingleNode};
+use netns_tests::single::{CLIENT, MIXED_SERVICES, Options, SingleNode};
 use netns_tests::topo::workspace_bin;
 
-const SERVICES: &str = r#"
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
-
-[[service.backend]]
-name = "local"
-forward = "local"
-weight = 1
-
-[[service.backend]]
-name = "rs1"
-address = "198.19.0.21"
-port = 8080
-weight = 1
-forward = "nat"
-
-[[service.backend]]
-name = "rs2"
-address = "198.19.0.22"
-port = 8080
-weight = 2
-forward = "nat"
-
-[[service]]
-name = "web-dr"
-vip = "198.18.0.100"
-port = 81
-protocol = "tcp"
-scheduler = "rr"
-
-[[service.backend]]
-name = "rs3"
-address = "198.19.0.23"
-forward = "dr"
-
+/// The tests' mixed services plus a UDP echo service by NAT.
+const ECHO_SERVICE: &str = r#"
 [[service]]
 name = "echo"
 vip = "198.18.0.100"
@@ -99,7 +62,7 @@ fn main() -> Result<()> {
     );
     let _srv = t.start_servers(8080, &[81])?;
     let _local = t.start_local_service(80)?;
-    let cfg = t.write_config(SERVICES)?;
+    let cfg = t.write_config(&format!("{MIXED_SERVICES}{ECHO_SERVICE}"))?;
     let _lb = t.start_balancer(&cfg)?;
     println!("balancer running with {}", cfg.display());
     let setup = t.lb.run(&[
