@@ -33,11 +33,6 @@
 //! | `lrt` | least health-check RTT / weight | none |
 //! | `fns` | first backend below its high-water mark | none |
 //! | `p2c` | the less loaded of two random eligible backends | none |
-//!
-//! The dataplane of `main` still drives schedulers through the older
-//! [`Scheduler`] trait (`pick(&[BackendView], flow_hash)`); [`compat`]
-//! adapts every algorithm to it until the engine calls [`Algorithm`]
-//! directly.
 
 use core::fmt;
 use core::str::FromStr;
@@ -45,7 +40,6 @@ use core::str::FromStr;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-mod compat;
 mod fns;
 mod hash;
 mod least;
@@ -53,7 +47,6 @@ mod p2c;
 pub mod policy;
 mod rr;
 
-pub use compat::{BackendView, Scheduler};
 pub use fns::FirstNonSaturated;
 pub use hash::{MAGLEV_TABLE_SIZE, Maglev, RING_POINTS, SourceHashRing};
 pub use least::{
@@ -288,14 +281,6 @@ impl SchedulerKind {
             SchedulerKind::P2c => Box::new(TwoChoices),
         }
     }
-
-    /// A fresh scheduler of this kind behind the older [`Scheduler`]
-    /// interface the engine on `main` uses (see [`compat`]).
-    pub fn build(self) -> Box<dyn Scheduler> {
-        Box::new(compat::Compat::new(self.algorithm(
-            rewrite::FlowHasher::new(crate::config::DEFAULT_FLOW_HASH_SEED),
-        )))
-    }
 }
 
 impl fmt::Display for SchedulerKind {
@@ -422,7 +407,6 @@ mod tests {
             assert_eq!(k.name().parse::<SchedulerKind>(), Ok(k));
             assert_eq!(k.to_string(), k.name());
             assert_eq!(k.algorithm(hasher).kind(), k);
-            assert_eq!(k.build().kind(), k);
         }
         assert_eq!(
             "WRR".parse::<SchedulerKind>(),
