@@ -123,6 +123,8 @@ struct Dataplane {
     tun: Option<Tun>,
     housekeeping: Duration,
     stats: Arc<Stats>,
+    /// Cluster mode: set when a new cluster view is published.
+    wake: Option<Arc<crate::dataplane::view::Wake>>,
 }
 
 fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
@@ -135,6 +137,7 @@ fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
         tun,
         housekeeping,
         stats,
+        wake,
     } = dp;
     let t0 = Instant::now();
     let hk_ms = housekeeping.as_millis().max(1) as u64;
@@ -147,6 +150,9 @@ fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
     let mut fds = vec![pfd(front_rx.fd()), pfd(back_rx.fd())];
     if let Some(fd) = engine.sync_fd() {
         fds.push(pfd(fd));
+    }
+    if let Some(w) = &wake {
+        fds.push(pfd(w.fd()));
     }
     while !stop.load(Ordering::Relaxed) {
         let now_ms = t0.elapsed().as_millis() as u64;
@@ -179,6 +185,12 @@ fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
             // SAFETY: fds is a valid array of pollfd for the call.
             unsafe {
                 libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait);
+            }
+            if let (Some(w), Some(last)) = (&wake, fds.last())
+                && last.fd == w.fd()
+                && last.revents & libc::POLLIN != 0
+            {
+                w.clear();
             }
         }
     }
@@ -294,6 +306,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let hk = config.conntrack.expire_interval;
     let dp_stop = stop.clone();
     let dp_stats = stats.clone();
+    let dp_wake = peers.as_ref().map(|p| p.wake.clone());
     let dp = std::thread::Builder::new()
         .name("dataplane".into())
         .spawn(move || {
@@ -306,6 +319,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
                 tun,
                 housekeeping: hk,
                 stats: dp_stats,
+                wake: dp_wake,
             };
             dataplane_loop(dp, dp_stop)
         })

@@ -44,6 +44,8 @@ pub enum PeersError {
 pub struct Peers {
     pub handle: Handle,
     pub shared: SharedView,
+    /// Wakes the dataplane on every published view.
+    pub wake: Arc<crate::dataplane::view::Wake>,
     stats: Arc<crate::stats::Stats>,
     me: u32,
     params: TableParams,
@@ -191,6 +193,10 @@ impl Peers {
             handle,
             stats,
             shared: Arc::new(ArcSwap::from_pointee(first)),
+            wake: Arc::new(
+                crate::dataplane::view::Wake::new()
+                    .map_err(|e| PeersError::Start(format!("eventfd: {e}")))?,
+            ),
             me: hb.node_id,
             params,
             cluster: cluster.clone(),
@@ -350,6 +356,7 @@ impl Peers {
                             })));
                         tracing::info!(live = ?v.live, owners = ?now.0, mac_holder = holder, "cluster view changed");
                         self.shared.store(Arc::new(v));
+                        self.wake.notify();
                         last = Some(now);
                     }
                     Err(e) => tracing::error!(error = %e, "cannot build the bucket table"),

@@ -66,3 +66,55 @@ impl ClusterView {
 
 /// The shared cell the control plane writes and the dataplane reads.
 pub type SharedView = Arc<ArcSwap<ClusterView>>;
+
+/// Wakes the dataplane when a new view is published, so that a node taking
+/// over buckets (a peer leaving) starts serving them at once rather than at
+/// the end of an idle poll.
+#[derive(Debug)]
+pub struct Wake {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Wake {
+    pub fn new() -> std::io::Result<Wake> {
+        // SAFETY: plain eventfd(2); the descriptor is owned below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor we own.
+        Ok(Wake {
+            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) },
+        })
+    }
+
+    /// Called by the control plane after publishing a view.
+    pub fn notify(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                one.as_ptr().cast(),
+                8,
+            )
+        };
+    }
+
+    /// Resets the event (the dataplane, when poll says it fired).
+    pub fn clear(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes from our non-blocking eventfd.
+        unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                buf.as_mut_ptr().cast(),
+                8,
+            )
+        };
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+}
