@@ -86,6 +86,7 @@ pub fn view_of(
     params: &TableParams,
     universe: &[u32],
     me_owns: bool,
+    leaving: bool,
     version: u64,
 ) -> Result<ClusterView, rewrite::maglev::TableError> {
     let me = status.node_id;
@@ -117,6 +118,7 @@ pub fn view_of(
         held,
         answer_mac: cluster.cluster_mac,
         director: cluster.mode == crate::config::ClusterMode::Director,
+        leaving,
         peer_addrs,
         table,
         live,
@@ -181,7 +183,7 @@ impl Peers {
         let (handle, exec_rx) =
             heartbeat::driver::start(&hb).map_err(|e| PeersError::Start(e.to_string()))?;
         let status = handle.status.borrow().clone();
-        let first = view_of(&status, cluster, &params, &universe, false, 1)?;
+        let first = view_of(&status, cluster, &params, &universe, false, false, 1)?;
         let (drain_tx, drain) = watch::channel(false);
         let (ready_tx, ready) = watch::channel(false);
         let (sync_cmd, cmd_rx) = std::sync::mpsc::channel();
@@ -316,7 +318,8 @@ impl Peers {
                 commander.send(heartbeat::driver::Command::SetEpoch(1));
                 announced = true;
             }
-            let me_owns = ready && !*self.drain.borrow_and_update();
+            let leaving = *self.drain.borrow_and_update();
+            let me_owns = ready && !leaving;
             let holder = st
                 .instance(&self.cluster.front_instance)
                 .is_some_and(|i| i.state == State::Master);
@@ -341,6 +344,7 @@ impl Peers {
                     &self.params,
                     &self.universe,
                     me_owns,
+                    leaving,
                     version,
                 ) {
                     Ok(v) => {

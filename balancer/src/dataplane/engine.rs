@@ -106,6 +106,10 @@ struct ServiceRt {
     views: Vec<BackendState>,
 }
 
+/// How long a leaving node passes its former buckets' frames to their new
+/// owners (a LAN round trip and a poll round are enough; this is margin).
+const LEAVE_PASS_MS: u64 = 100;
+
 /// Gratuitous ARPs sent for each VIP at start, one a second.
 const GARP_COUNT: u32 = 3;
 /// Expired entries removed per housekeeping call at most, so that expiry
@@ -134,6 +138,8 @@ pub struct Engine {
     /// (refreshed once per poll round by [`Engine::refresh`]).
     shared: Option<SharedView>,
     view: Option<Arc<ClusterView>>,
+    /// When this node started leaving (its view says so), for the pass window.
+    leaving_since: Option<u64>,
     /// Source-address affinity of every service with persistence.
     persist: PersistTable,
     /// Draws of p2c and exponential shedding (seeded by the driver).
@@ -291,6 +297,7 @@ impl Engine {
             scratch: [0; 64],
             shared: None,
             view: None,
+            leaving_since: None,
             persist: PersistTable::new(persist_slots, hasher),
             rng: rng_from_seed(0),
             next_persist_publish_ms: 0,
@@ -356,7 +363,7 @@ impl Engine {
             return;
         }
         let view = arc_swap::Guard::into_inner(current);
-        if view.director {
+        {
             let hops = [self.ifs.front_router].into_iter().flatten();
             self.front_neigh
                 .set_wanted(view.peer_addrs.iter().map(|(_, a)| *a).chain(hops));
@@ -398,11 +405,22 @@ impl Engine {
         {
             return false; // flooded copy of a frame for another node
         }
+        if p.dst_mac == self.ifs.front_mac {
+            return true; // passed to this node by a peer: it decided
+        }
         let hash = self.hasher.hash(key);
         if v.owns(hash) {
             return true;
         }
-        if !(v.director && v.mac_holder) {
+        // Leaving (SIGTERM): for a moment the peers may not have taken this
+        // node's buckets yet; pass their frames to the new owner rather than
+        // drop them (the owner may also get the multicast copy: a duplicate,
+        // which TCP ignores).
+        let leaving_pass = v.leaving && {
+            let since = *self.leaving_since.get_or_insert(now_ms);
+            now_ms.saturating_sub(since) < LEAVE_PASS_MS
+        };
+        if !(v.director && v.mac_holder || leaving_pass) {
             self.drop(DropReason::NotOurBucket);
             return false;
         }
@@ -548,12 +566,10 @@ impl Engine {
     }
 
     fn front_arp(&mut self, a: &ArpRepr, now_ms: u64, out: &mut dyn Output) {
-        // Director mode: every node learns the front segment's MACs (the
-        // clients' ARP for the VIP is broadcast), so replies of passed flows
-        // know their next hop from the first packet.
-        if self.view.as_ref().is_some_and(|v| v.director)
-            && self.ifs.front_net.is_some_and(|n| n.contains(&a.sender_ip))
-        {
+        // Cluster mode: every node learns the front segment's MACs (the
+        // clients' ARP for the VIP is broadcast), so replies of flows a peer
+        // passed know their next hop from the first packet.
+        if self.view.is_some() && self.ifs.front_net.is_some_and(|n| n.contains(&a.sender_ip)) {
             self.front_neigh.want(a.sender_ip);
         }
         self.front_neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
@@ -792,10 +808,9 @@ impl Engine {
     /// table (zero while unknown: resolved when the first reply comes).
     fn client_mac_of(&mut self, p: &Parsed, client: Ipv4Addr, now_ms: u64) -> [u8; 6] {
         let passed = self.view.as_ref().is_some_and(|v| {
-            v.director
-                && v.peer_addrs
-                    .iter()
-                    .any(|(_, a)| self.front_neigh.lookup(*a, now_ms) == Some(p.src_mac.0))
+            v.peer_addrs
+                .iter()
+                .any(|(_, a)| self.front_neigh.lookup(*a, now_ms) == Some(p.src_mac.0))
         });
         if !passed {
             return p.src_mac.0;

@@ -21,6 +21,9 @@ pub struct ClusterView {
     pub table: BucketTable,
     /// Live members (including this node when it is up).
     pub live: Vec<u32>,
+    /// This node is leaving (SIGTERM): it owns no bucket and passes frames
+    /// of its former buckets to their new owners for a moment.
+    pub leaving: bool,
     /// Director mode: the MAC holder receives every VIP frame on a unicast
     /// MAC and passes other nodes' flows to them on the front segment.
     pub director: bool,
