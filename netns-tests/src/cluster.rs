@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::single::{CLIENT, VIP, wait_listening};
+use crate::single::{CLIENT, RTR_BACK, RTR_FRONT, VIP, wait_listening};
 use crate::topo::{Host, Proc, Testbed, wait_until, workspace_bin};
 
 pub const CLUSTER_MAC: &str = "01:00:5e:7f:00:64";
@@ -48,6 +48,9 @@ pub struct ClusterBed {
     pub nodes: Vec<Host>,
     /// Real servers; server i belongs to node `i % nodes + 1`.
     pub rs: Vec<Host>,
+    /// A router between the segments (front .254, back .254): the way
+    /// back to the client for DR real servers (see [`ClusterBed::make_dr`]).
+    pub rtr: Host,
     pub advert: String,
     /// Director mode instead of multicast mode (set before writing configs).
     pub director: bool,
@@ -68,6 +71,12 @@ impl ClusterBed {
         let client = tb.host("client")?;
         tb.link(&client, "front0", &front, &[&format!("{CLIENT}/24")])?;
         wire_like(&client, "front0")?;
+        let rtr = tb.host("rtr")?;
+        tb.link(&rtr, "front0", &front, &[&format!("{RTR_FRONT}/24")])?;
+        tb.link(&rtr, "back0", &back, &[&format!("{RTR_BACK}/24")])?;
+        rtr.sysctl("net.ipv4.ip_forward", "1")?;
+        wire_like(&rtr, "front0")?;
+        wire_like(&rtr, "back0")?;
         let mut hosts = Vec::new();
         for k in 1..=nodes {
             let h = tb.host(&format!("lb{k}"))?;
@@ -99,6 +108,7 @@ impl ClusterBed {
             client,
             nodes: hosts,
             rs,
+            rtr,
             advert: advert.to_string(),
             director: false,
         })
@@ -106,6 +116,25 @@ impl ClusterBed {
 
     pub fn dir(&self) -> &Path {
         self.tb.dir()
+    }
+
+    /// Sets real server `i` up for direct routing: the VIP on `lo` (never
+    /// answered by ARP) and replies straight to the client through the
+    /// router, not through a balancer.
+    pub fn make_dr(&self, i: usize) -> Result<()> {
+        let h = &self.rs[i];
+        h.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        h.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+        h.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+        h.run(&[
+            "ip",
+            "route",
+            "replace",
+            "default",
+            "via",
+            &RTR_BACK.to_string(),
+        ])?;
+        Ok(())
     }
 
     pub fn socket(&self, k: usize) -> PathBuf {
