@@ -479,6 +479,9 @@ pub struct Entry {
     pub client_mac: [u8; 6],
     /// Time of the last packet (or of insertion), in the caller's clock.
     pub last_seen_ms: u64,
+    /// When this node last sent the entry to its peers (connection sync),
+    /// or was inserted; see [`ConnTable::mark_synced`].
+    pub synced_ms: u64,
 }
 
 impl Entry {
@@ -710,6 +713,16 @@ impl ConnTable {
         }
     }
 
+    /// Records that the entry was sent to the peers at `now_ms`.
+    pub fn mark_synced(&mut self, id: ConnId, now_ms: u64) {
+        if let Some(slot) = self.slots.get_mut(id.index as usize)
+            && slot.generation == id.generation
+            && let Some(e) = slot.entry.as_mut()
+        {
+            e.synced_ms = now_ms;
+        }
+    }
+
     pub fn get(&self, id: ConnId) -> Option<&Entry> {
         let slot = self.slots.get(id.index as usize)?;
         if slot.generation != id.generation {
@@ -777,6 +790,7 @@ impl ConnTable {
             state,
             client_mac: conn.client_mac,
             last_seen_ms: now,
+            synced_ms: now,
         };
         if self.forward.contains_key(&entry.key) {
             return Err(ConntrackError::Exists);

@@ -112,6 +112,17 @@ const LEAVE_PASS_MS: u64 = 100;
 
 /// Gratuitous ARPs sent for each VIP at start, one a second.
 const GARP_COUNT: u32 = 3;
+/// Longest time between two sends of a busy connection's entry.
+const SYNC_REFRESH_MAX_MS: u64 = 60_000;
+
+/// How often a busy, unchanged entry is sent again: a third of the
+/// shortest idle timeout a synced copy lives by (so a peer's copy never
+/// expires while the connection is in use), at most a minute.
+fn sync_refresh_ms(c: &crate::config::Conntrack) -> u64 {
+    let shortest = c.tcp_established.min(c.udp).as_millis() as u64;
+    (shortest / 3).clamp(1, SYNC_REFRESH_MAX_MS)
+}
+
 /// Expired entries removed per housekeeping call at most, so that expiry
 /// never stalls forwarding.
 const EXPIRE_BUDGET: usize = 20_000;
@@ -131,6 +142,9 @@ pub struct Engine {
     stats: Arc<Stats>,
     /// The [`Stats::backends_version`] last taken into the views.
     backends_seen: u64,
+    /// An entry unchanged for this long is sent to the peers again on its
+    /// next client packet ([`Engine::resync_if_due`]).
+    sync_refresh_ms: u64,
     hasher: FlowHasher,
     due: Vec<Ipv4Addr>,
     garps_sent: u32,
@@ -299,6 +313,7 @@ impl Engine {
             scratch: [0; 64],
             shared: None,
             backends_seen: 0,
+            sync_refresh_ms: sync_refresh_ms(c),
             view: None,
             leaving_since: None,
             persist: PersistTable::new(persist_slots, hasher),
@@ -350,6 +365,22 @@ impl Engine {
     fn synced(&mut self, id: crate::conntrack::ConnId, now_ms: u64) {
         if let (Some(s), Some(e)) = (&mut self.sync, self.conns.get(id)) {
             s.conn_changed(e, now_ms);
+            self.conns.mark_synced(id, now_ms);
+        }
+    }
+
+    /// Sends an unchanged entry again when its peers' copy is due for a
+    /// refresh: a peer's copy ages from the last send, so a connection
+    /// that stays busy in one state (a long download) would otherwise
+    /// expire on the peers while it lives here.
+    fn resync_if_due(&mut self, id: crate::conntrack::ConnId, now_ms: u64) {
+        if self.sync.is_some()
+            && self
+                .conns
+                .get(id)
+                .is_some_and(|e| now_ms.saturating_sub(e.synced_ms) >= self.sync_refresh_ms)
+        {
+            self.synced(id, now_ms);
         }
     }
 
@@ -630,6 +661,8 @@ impl Engine {
                     self.settle(e.service, e.backend, t.activated(), t.deactivated());
                     if t.changed() {
                         self.synced(id, now_ms);
+                    } else {
+                        self.resync_if_due(id, now_ms);
                     }
                 }
                 id

@@ -526,6 +526,7 @@ fn entry(n: u32, state: ConnState, last_seen_ms: u64) -> Entry {
         state,
         client_mac: c.client_mac,
         last_seen_ms,
+        synced_ms: last_seen_ms,
     }
 }
 
