@@ -21,7 +21,11 @@
 //!   offload metadata and would drop it.
 //!
 //! Back NIC (real servers):
-//! - ARP teaches the neighbour table (backends' MACs).
+//! - ARP teaches the neighbour table (backends' MACs). A frame for a
+//!   neighbour whose MAC is not known yet waits for it (at most three per
+//!   address and 64 in all, for a second: [`HoldQueue`]) while the node
+//!   asks; the ARP answer releases it. Beyond that it is dropped
+//!   (`no_neighbor`).
 //! - TCP/UDP matching a NAT connection's reply key is rewritten back to
 //!   VIP:vport and sent to the client's next hop on the front; ICMP errors
 //!   about a NAT flow likewise. Traffic to the node's own back addresses
@@ -43,6 +47,7 @@ use crate::config::{Config, Forward};
 use crate::conntrack::{
     ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, Timeouts,
 };
+use crate::dataplane::hold::{HoldQueue, Segment};
 use crate::dataplane::neigh::Neighbors;
 use crate::dataplane::ring::RxMeta;
 use crate::dataplane::syncio::SyncIo;
@@ -142,6 +147,8 @@ pub struct Engine {
     stats: Arc<Stats>,
     /// The [`Stats::backends_version`] last taken into the views.
     backends_seen: u64,
+    /// Frames waiting for a neighbour's MAC (see [`HoldQueue`]).
+    hold: HoldQueue,
     /// An entry unchanged for this long is sent to the peers again on its
     /// next client packet ([`Engine::resync_if_due`]).
     sync_refresh_ms: u64,
@@ -313,6 +320,7 @@ impl Engine {
             scratch: [0; 64],
             shared: None,
             backends_seen: 0,
+            hold: HoldQueue::new(),
             sync_refresh_ms: sync_refresh_ms(c),
             view: None,
             leaving_since: None,
@@ -464,13 +472,11 @@ impl Engine {
             self.drop(DropReason::NotOurBucket);
             return false;
         }
-        let Some(mac) = v
-            .owner_addr(hash)
-            .and_then(|a| self.front_neigh.lookup(a, now_ms))
-        else {
+        let Some(owner) = v.owner_addr(hash) else {
             self.drop(DropReason::NoNeighbor);
             return false;
         };
+        let mac = self.front_neigh.lookup(owner, now_ms);
         if meta.csum_not_ready
             && matches!(
                 p.kind,
@@ -484,12 +490,15 @@ impl Engine {
             self.drop(rewrite_drop(err));
             return false;
         }
-        if nat::set_macs(frame, self.ifs.front_mac, MacAddr(mac)).is_err() {
+        if nat::set_macs(frame, self.ifs.front_mac, MacAddr(mac.unwrap_or([0; 6]))).is_err() {
             self.drop(DropReason::Runt);
             return false;
         }
         let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-        self.send_front(out, &frame[..end]);
+        match mac {
+            Some(_) => self.send_front(out, &frame[..end]),
+            None => self.hold_for(Segment::Front, owner, &frame[..end], now_ms, out),
+        }
         self.stats
             .passed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -612,7 +621,9 @@ impl Engine {
         if self.view.is_some() && self.ifs.front_net.is_some_and(|n| n.contains(&a.sender_ip)) {
             self.front_neigh.want(a.sender_ip);
         }
-        self.front_neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
+        if self.front_neigh.learn(a.sender_ip, a.sender_mac.0, now_ms) {
+            self.release_held(Segment::Front, a.sender_ip, a.sender_mac.0, out);
+        }
         if a.op != ArpOp::Request || !self.is_vip(a.target_ip) {
             return;
         }
@@ -731,16 +742,76 @@ impl Engine {
         now_ms: u64,
         out: &mut dyn Output,
     ) {
-        let Some(mac) = self.neigh.lookup(addr, now_ms) else {
-            self.drop(DropReason::NoNeighbor);
-            return;
-        };
-        if nat::set_macs(frame, self.ifs.back_mac, MacAddr(mac)).is_err() {
+        let mac = self.neigh.lookup(addr, now_ms);
+        if nat::set_macs(frame, self.ifs.back_mac, MacAddr(mac.unwrap_or([0; 6]))).is_err() {
             self.drop(DropReason::Runt);
             return;
         }
         let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-        self.send_back(out, &frame[..end]);
+        match mac {
+            Some(_) => self.send_back(out, &frame[..end]),
+            None => self.hold_for(Segment::Back, addr, &frame[..end], now_ms, out),
+        }
+    }
+
+    /// Holds a frame (complete but for its destination MAC) until `ip`'s
+    /// MAC on `segment` is learned, and asks for it at once; counts
+    /// `no_neighbor` when the queue cannot take it.
+    fn hold_for(
+        &mut self,
+        segment: Segment,
+        ip: Ipv4Addr,
+        frame: &[u8],
+        now_ms: u64,
+        out: &mut dyn Output,
+    ) {
+        if self.hold.hold(segment, ip, frame, now_ms).is_err() {
+            self.drop(DropReason::NoNeighbor);
+            return;
+        }
+        let (table, nic) = match segment {
+            Segment::Back => (&mut self.neigh, Nic::Back),
+            Segment::Front => (&mut self.front_neigh, Nic::Front),
+        };
+        table.want(ip);
+        if table.ask_now(ip, now_ms) {
+            self.arp_request(nic, ip, out);
+        }
+    }
+
+    /// Sends one ARP request for `ip` from the node's address on `nic`.
+    fn arp_request(&mut self, nic: Nic, ip: Ipv4Addr, out: &mut dyn Output) {
+        let (sender_mac, sender_ip) = match nic {
+            Nic::Front => (self.ifs.front_mac, self.ifs.front_addr),
+            _ => (self.ifs.back_mac, self.ifs.back_addr),
+        };
+        let req = ArpRepr {
+            op: ArpOp::Request,
+            sender_mac,
+            sender_ip,
+            target_mac: MacAddr([0; 6]),
+            target_ip: ip,
+        };
+        if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
+            let f = self.scratch;
+            match nic {
+                Nic::Front => self.send_front(out, &f[..n]),
+                _ => self.send_back(out, &f[..n]),
+            }
+        }
+    }
+
+    /// A neighbour's MAC was learned: its held frames leave.
+    fn release_held(&mut self, segment: Segment, ip: Ipv4Addr, mac: [u8; 6], out: &mut dyn Output) {
+        if self.hold.is_empty() {
+            return;
+        }
+        let mut q = std::mem::replace(&mut self.hold, HoldQueue::empty());
+        q.release(segment, ip, mac, |f| match segment {
+            Segment::Back => self.send_back(out, f),
+            Segment::Front => self.send_front(out, f),
+        });
+        self.hold = q;
     }
 
     /// Schedules a new flow and records it.
@@ -975,7 +1046,9 @@ impl Engine {
         };
         match p.kind {
             Kind::Arp(a) => {
-                self.neigh.learn(a.sender_ip, a.sender_mac.0, now_ms);
+                if self.neigh.learn(a.sender_ip, a.sender_mac.0, now_ms) {
+                    self.release_held(Segment::Back, a.sender_ip, a.sender_mac.0, out);
+                }
             }
             Kind::Ipv4 {
                 dst, fragment, l4, ..
@@ -1036,32 +1109,57 @@ impl Engine {
                     self.drop(rewrite_drop(err));
                     return;
                 }
-                let client_mac = if e.client_mac == [0; 6] {
-                    // A flow passed by the director: the next hop toward the
-                    // client, resolved on the front segment.
-                    match self
-                        .next_hop(e.key.src)
-                        .and_then(|h| self.front_neigh.lookup(h, now_ms))
-                    {
-                        Some(m) => m,
-                        None => {
-                            self.drop(DropReason::NoNeighbor);
-                            return;
-                        }
-                    }
+                // A flow passed by the director has no client MAC: the next
+                // hop toward the client, resolved on the front segment (the
+                // reply waits for it if unknown).
+                let (client_mac, hop) = if e.client_mac == [0; 6] {
+                    let hop = self.next_hop(e.key.src);
+                    (hop.and_then(|h| self.front_neigh.lookup(h, now_ms)), hop)
                 } else {
-                    e.client_mac
+                    (Some(e.client_mac), None)
                 };
-                if nat::set_macs(frame, self.ifs.front_mac, MacAddr(client_mac)).is_err() {
+                let (service, backend) = (e.service as usize, e.backend as usize);
+                if nat::set_macs(
+                    frame,
+                    self.ifs.front_mac,
+                    MacAddr(client_mac.unwrap_or([0; 6])),
+                )
+                .is_err()
+                {
                     self.drop(DropReason::Runt);
                     return;
                 }
-                self.stats
-                    .record_out(e.service as usize, e.backend as usize, ip_len(&p));
                 let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-                self.send_front(out, &frame[..end]);
+                match (client_mac, hop) {
+                    (Some(_), _) => {
+                        self.stats.record_out(service, backend, ip_len(&p));
+                        self.send_front(out, &frame[..end]);
+                    }
+                    (None, Some(hop)) => {
+                        self.stats.record_out(service, backend, ip_len(&p));
+                        self.hold_for(Segment::Front, hop, &frame[..end], now_ms, out);
+                    }
+                    (None, None) => self.drop(DropReason::NoNeighbor),
+                }
             }
         }
+    }
+
+    /// ARP requests for the neighbours of interest that are unknown or due
+    /// for a refresh (each at most once per retry interval), on both
+    /// segments.
+    fn ask_neighbors(&mut self, now_ms: u64, out: &mut dyn Output) {
+        let mut due = std::mem::take(&mut self.due);
+        self.neigh.due_requests(now_ms, &mut due);
+        for ip in &due {
+            self.arp_request(Nic::Back, *ip, out);
+        }
+        // Director mode: the peers' front MACs, to pass them their flows.
+        self.front_neigh.due_requests(now_ms, &mut due);
+        for ip in &due {
+            self.arp_request(Nic::Front, *ip, out);
+        }
+        self.due = due;
     }
 
     /// Periodic work: connection expiry, ARP for backends, gratuitous ARP
@@ -1106,37 +1204,13 @@ impl Engine {
                 }
             }
         }
-        let mut due = std::mem::take(&mut self.due);
-        self.neigh.due_requests(now_ms, &mut due);
-        for ip in &due {
-            let req = ArpRepr {
-                op: ArpOp::Request,
-                sender_mac: self.ifs.back_mac,
-                sender_ip: self.ifs.back_addr,
-                target_mac: MacAddr([0; 6]),
-                target_ip: *ip,
-            };
-            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
-                let f = self.scratch;
-                self.send_back(out, &f[..n]);
-            }
+        let expired = self.hold.expire(now_ms);
+        if expired > 0 {
+            self.stats
+                .drop_counter(DropReason::NoNeighbor)
+                .fetch_add(expired as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        // Director mode: the peers' front MACs, to pass them their flows.
-        self.front_neigh.due_requests(now_ms, &mut due);
-        for ip in &due {
-            let req = ArpRepr {
-                op: ArpOp::Request,
-                sender_mac: self.ifs.front_mac,
-                sender_ip: self.ifs.front_addr,
-                target_mac: MacAddr([0; 6]),
-                target_ip: *ip,
-            };
-            if let Ok(n) = rewrite::arp::write_request(&mut self.scratch, &req) {
-                let f = self.scratch;
-                self.send_front(out, &f[..n]);
-            }
-        }
-        self.due = due;
+        self.ask_neighbors(now_ms, out);
         // In a cluster the heartbeat announces the VIPs when this node
         // becomes the MAC holder.
         if self.shared.is_none() && self.garps_sent < GARP_COUNT && now_ms >= self.next_garp_ms {

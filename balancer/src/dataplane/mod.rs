@@ -3,6 +3,7 @@
 //! that decides what happens to each frame.
 
 pub mod engine;
+pub mod hold;
 pub mod neigh;
 pub mod ring;
 pub mod syncio;

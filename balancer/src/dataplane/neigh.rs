@@ -91,6 +91,21 @@ impl Neighbors {
         true
     }
 
+    /// Whether to ask for `ip` now (a frame waits for it): yes unless it was
+    /// asked within `retry_ms`; marks it as asked.
+    pub fn ask_now(&mut self, ip: Ipv4Addr, now_ms: u64) -> bool {
+        if self.wanted.binary_search(&ip).is_err()
+            || self
+                .last_request_ms
+                .get(&ip)
+                .is_some_and(|t| now_ms.saturating_sub(*t) < self.retry_ms)
+        {
+            return false;
+        }
+        self.last_request_ms.insert(ip, now_ms);
+        true
+    }
+
     /// Addresses to send an ARP request for now (unknown or due for refresh,
     /// and not asked within `retry_ms`); marks them as asked.
     pub fn due_requests(&mut self, now_ms: u64, out: &mut Vec<Ipv4Addr>) {
@@ -147,6 +162,18 @@ mod tests {
         assert_eq!(out, vec![A]);
         assert_eq!(n.lookup(A, 100 + 89_999), Some(MAC));
         assert_eq!(n.lookup(A, 100 + 90_000), None);
+    }
+
+    #[test]
+    fn a_waiting_frame_asks_once_per_retry_interval() {
+        let mut n = Neighbors::new([A]);
+        assert!(n.ask_now(A, 0));
+        assert!(!n.ask_now(A, 999));
+        let mut out = Vec::new();
+        n.due_requests(500, &mut out);
+        assert!(out.is_empty(), "housekeeping must not ask again so soon");
+        assert!(n.ask_now(A, 1000));
+        assert!(!n.ask_now(B, 0), "not an address of interest");
     }
 
     #[test]
