@@ -16,17 +16,29 @@
 //! wait their turn in arrival order (a queue, as in a server with N worker
 //! threads). Such a server does at most `workers * 1000 / delay-ms`
 //! requests per second, without burning CPU.
+//!
+//! Expensive responses (for the `feedback` experiment): `--burn-us N` makes
+//! every HTTP request cost N µs of CPU time (the serving thread's own CPU
+//! clock, spent in a busy loop) before it is answered, inside its worker
+//! slot. With `--workers 1` the server thus uses at most one CPU and
+//! serves at most 1e6 / N requests per second when it has that CPU to
+//! itself; under CPU contention each request takes longer in wall time
+//! but still costs the same N µs of CPU.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Service time and worker limit of HTTP requests (`--delay-ms`,
-/// `--workers`); the default does neither.
+use nix::time::{ClockId, clock_gettime};
+
+/// Service time, CPU cost and worker limit of HTTP requests
+/// (`--delay-ms`, `--burn-us`, `--workers`); the default does none.
 #[derive(Default)]
 struct Capacity {
     delay: Duration,
+    /// CPU time each request burns.
+    burn: Duration,
     /// 0 = unlimited.
     workers: usize,
     /// (tickets handed out, tickets served so far): a FIFO ticket lock
@@ -36,13 +48,21 @@ struct Capacity {
 }
 
 impl Capacity {
+    /// One request's service: its CPU burn, then its delay.
+    fn work(&self) {
+        if !self.burn.is_zero() {
+            burn_cpu(self.burn);
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+    }
+
     /// Holds the calling request for its service time, after waiting for a
     /// free worker.
     fn serve_one(&self) {
         if self.workers == 0 {
-            if !self.delay.is_zero() {
-                std::thread::sleep(self.delay);
-            }
+            self.work();
             return;
         }
         let Ok(mut q) = self.queue.lock() else { return };
@@ -56,11 +76,35 @@ impl Capacity {
             };
         }
         drop(q);
-        std::thread::sleep(self.delay);
+        self.work();
         if let Ok(mut q) = self.queue.lock() {
             q.1 += 1;
         }
         self.turn.notify_all();
+    }
+}
+
+/// The calling thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+}
+
+/// Spins until this thread has used `cost` more CPU time: real work (a
+/// hash chain the optimiser cannot drop), not a sleep, so it shows in the
+/// server's CPU accounting and competes for the CPU like a CGI script.
+fn burn_cpu(cost: Duration) {
+    let end = thread_cpu() + cost;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    loop {
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        std::hint::black_box(x);
+        if thread_cpu() >= end {
+            return;
+        }
     }
 }
 
@@ -130,13 +174,15 @@ fn main() {
             "--name" => name = args.next().unwrap_or_default(),
             "--tcp" => tcp.extend(args.next()),
             "--udp" => udp.extend(args.next()),
-            "--delay-ms" | "--workers" => {
+            "--delay-ms" | "--workers" | "--burn-us" => {
                 let Some(n) = args.next().and_then(|v| v.parse::<u64>().ok()) else {
                     eprintln!("testsrv: {a} needs a number");
                     std::process::exit(2);
                 };
                 if a == "--delay-ms" {
                     cap.delay = Duration::from_millis(n);
+                } else if a == "--burn-us" {
+                    cap.burn = Duration::from_micros(n);
                 } else {
                     cap.workers = n as usize;
                 }
