@@ -324,16 +324,22 @@ fn start_servers(node: &SingleNode, cgroups: &[CpuCgroup], burn_us: u64) -> Resu
     Ok(procs)
 }
 
+/// Starts an agent in every real server's namespace. `ip netns exec`
+/// gives its program a fresh sysfs without the cgroup mounts, so the
+/// agent goes back into this process's mount namespace (`nsenter
+/// --mount`): it keeps the server's network namespace and sees
+/// /sys/fs/cgroup as the host does.
 fn start_agents(node: &SingleNode, cgroups: &[CpuCgroup]) -> Result<Vec<Proc>> {
     let bin = workspace_bin("balancer-agent")?;
     let bin = bin.to_string_lossy();
+    let mnt = format!("--mount=/proc/{}/ns/mnt", std::process::id());
     let mut procs = Vec::new();
     for (i, cg) in cgroups.iter().enumerate() {
         let name = role(i);
         let cfg = node.dir().join(format!("agent-{name}.toml"));
         std::fs::write(&cfg, agent_config(i, cg.path()))?;
         procs.push(node.rs[i].spawn_logged(
-            &[&bin, "run", "-c", &cfg.to_string_lossy()],
+            &["nsenter", &mnt, "--", &bin, "run", "-c", &cfg.to_string_lossy()],
             Some(&node.dir().join(format!("agent-{name}.log"))),
         )?);
     }
