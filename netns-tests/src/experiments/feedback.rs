@@ -108,7 +108,8 @@ impl Drop for CpuCgroup {
 }
 
 fn read_usage(file: &Path) -> Result<Duration> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let ns: u64 = text
         .trim()
         .parse()
@@ -339,7 +340,15 @@ fn start_agents(node: &SingleNode, cgroups: &[CpuCgroup]) -> Result<Vec<Proc>> {
         let cfg = node.dir().join(format!("agent-{name}.toml"));
         std::fs::write(&cfg, agent_config(i, cg.path()))?;
         procs.push(node.rs[i].spawn_logged(
-            &["nsenter", &mnt, "--", &bin, "run", "-c", &cfg.to_string_lossy()],
+            &[
+                "nsenter",
+                &mnt,
+                "--",
+                &bin,
+                "run",
+                "-c",
+                &cfg.to_string_lossy(),
+            ],
             Some(&node.dir().join(format!("agent-{name}.log"))),
         )?);
     }
@@ -409,13 +418,17 @@ fn sampler(
                 .iter()
                 .map(|f| read_usage(f).unwrap_or_default())
                 .collect();
-            let (mut weight, mut conns) = (vec![0; SERVERS], vec![0; SERVERS]);
-            if let Ok(s) = balancer::control::status(&sock, Duration::from_secs(1)) {
-                if let Some(svc) = s.services.first() {
-                    for (i, b) in svc.backends.iter().take(SERVERS).enumerate() {
-                        weight[i] = b.weight;
-                        conns[i] = b.counters.conns_total;
-                    }
+            // A status that fails (busy node) repeats the last one, so that
+            // deltas over the window stay right.
+            let (mut weight, mut conns) = out.last().map_or_else(
+                || (vec![0; SERVERS], vec![0; SERVERS]),
+                |k: &Tick| (k.weight.clone(), k.conns.clone()),
+            );
+            let status = balancer::control::status(&sock, Duration::from_secs(1));
+            if let Some(svc) = status.ok().and_then(|s| s.services.into_iter().next()) {
+                for (i, b) in svc.backends.iter().take(SERVERS).enumerate() {
+                    weight[i] = b.weight;
+                    conns[i] = b.counters.conns_total;
                 }
             }
             out.push(Tick {
@@ -498,9 +511,7 @@ fn run_step(
 
 /// The sample nearest to `t`.
 fn nearest(ticks: &[Tick], t: Duration) -> Option<&Tick> {
-    ticks
-        .iter()
-        .min_by_key(|k| k.t.abs_diff(t).as_micros())
+    ticks.iter().min_by_key(|k| k.t.abs_diff(t).as_micros())
 }
 
 fn step_figures(
@@ -552,10 +563,9 @@ fn step_figures(
         let used = b.usage[i].saturating_sub(a.usage[i]).as_secs_f64();
         f.cpu_pct.insert(name.clone(), 100.0 * used / dt);
         let n = b.conns[i].saturating_sub(a.conns[i]);
-        f.share
-            .insert(name.clone(), n as f64 / conns.max(1) as f64);
-        let w: f64 = inside.iter().map(|k| f64::from(k.weight[i])).sum::<f64>()
-            / inside.len().max(1) as f64;
+        f.share.insert(name.clone(), n as f64 / conns.max(1) as f64);
+        let w: f64 =
+            inside.iter().map(|k| f64::from(k.weight[i])).sum::<f64>() / inside.len().max(1) as f64;
         f.weight.insert(name, w);
     }
     Ok(f)
@@ -611,7 +621,8 @@ fn median(runs: &[StepFigures]) -> StepFigures {
     }
 }
 
-const TITLE: &str = "wrr with equal weights vs feedback (agents report each server's CPU), rs4 expensive";
+const TITLE: &str =
+    "wrr with equal weights vs feedback (agents report each server's CPU), rs4 expensive";
 
 /// Runs the experiment on `node` (which needs [`SERVERS`] real servers).
 pub fn run(node: &SingleNode, opts: &Options) -> Result<Report> {
@@ -633,8 +644,9 @@ pub fn run(node: &SingleNode, opts: &Options) -> Result<Report> {
             for mi in order {
                 let mode = Mode::ALL[mi];
                 let t = Instant::now();
-                let (fig, tl) = run_step(node, mode, rate, opts)
-                    .with_context(|| format!("{} at {rate} conn/s, run {}", mode.name(), rep + 1))?;
+                let (fig, tl) = run_step(node, mode, rate, opts).with_context(|| {
+                    format!("{} at {rate} conn/s, run {}", mode.name(), rep + 1)
+                })?;
                 if opts.verbose {
                     eprintln!(
                         "experiments: feedback / {} {rate:.0}/s run {}: {} requests, {:.0} ok/s, {:.1} % errors, \
@@ -805,7 +817,12 @@ fn plots(d: &FeedbackData, opts: &Options) -> Result<Vec<String>> {
                 points: v
                     .steps
                     .iter()
-                    .map(|s| (s.rate, s.median.cpu_pct.get(&role(i)).copied().unwrap_or(0.0)))
+                    .map(|s| {
+                        (
+                            s.rate,
+                            s.median.cpu_pct.get(&role(i)).copied().unwrap_or(0.0),
+                        )
+                    })
                     .collect(),
                 color: PALETTE[i % PALETTE.len()],
             })
@@ -829,7 +846,11 @@ fn plots(d: &FeedbackData, opts: &Options) -> Result<Vec<String>> {
     if let Some(ri) = d.rates.len().checked_sub(1) {
         let rate = d.rates[ri];
         let mut lines = Vec::new();
-        for v in d.variants.iter().filter(|v| v.name == Mode::Feedback.name()) {
+        for v in d
+            .variants
+            .iter()
+            .filter(|v| v.name == Mode::Feedback.name())
+        {
             for i in 0..SERVERS {
                 lines.push(Line {
                     label: format!("weight {}", role(i)),

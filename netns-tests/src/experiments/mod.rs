@@ -87,7 +87,9 @@ impl Exp {
         Exp::ALL
             .into_iter()
             .find(|e| e.name() == s)
-            .with_context(|| format!("unknown experiment {s:?} (scale, weighted, least, shed, feedback)"))
+            .with_context(|| {
+                format!("unknown experiment {s:?} (scale, weighted, least, shed, feedback)")
+            })
     }
 }
 
