@@ -25,6 +25,7 @@
 //! itself; under CPU contention each request takes longer in wall time
 //! but still costs the same N µs of CPU.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::{Arc, Condvar, Mutex};
@@ -41,10 +42,25 @@ struct Capacity {
     burn: Duration,
     /// 0 = unlimited.
     workers: usize,
-    /// (tickets handed out, tickets served so far): a FIFO ticket lock
-    /// admitting `workers` at once.
-    queue: Mutex<(u64, u64)>,
-    turn: Condvar,
+    /// Requests in service and those waiting, in arrival order.
+    queue: Mutex<Queue>,
+}
+
+/// A FIFO admission of `workers` requests at once. Each waiter sleeps on
+/// its own [`Turn`], and a finishing request hands its slot straight to
+/// the first waiter: one wake-up per request, however long the queue (a
+/// shared condition variable woke every waiter on every completion, which
+/// cost an overloaded server more CPU than its work).
+#[derive(Default)]
+struct Queue {
+    busy: usize,
+    waiting: VecDeque<Arc<Turn>>,
+}
+
+#[derive(Default)]
+struct Turn {
+    go: Mutex<bool>,
+    cv: Condvar,
 }
 
 impl Capacity {
@@ -65,22 +81,39 @@ impl Capacity {
             self.work();
             return;
         }
-        let Ok(mut q) = self.queue.lock() else { return };
-        let ticket = q.0;
-        q.0 += 1;
-        // In service once fewer than `workers` earlier tickets are unfinished.
-        while ticket >= q.1 + self.workers as u64 {
-            q = match self.turn.wait(q) {
-                Ok(q) => q,
-                Err(_) => return,
-            };
+        let turn = {
+            let Ok(mut q) = self.queue.lock() else { return };
+            if q.busy < self.workers && q.waiting.is_empty() {
+                q.busy += 1;
+                None
+            } else {
+                let t = Arc::new(Turn::default());
+                q.waiting.push_back(t.clone());
+                Some(t)
+            }
+        };
+        if let Some(t) = turn {
+            let Ok(mut go) = t.go.lock() else { return };
+            while !*go {
+                go = match t.cv.wait(go) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+            }
         }
-        drop(q);
         self.work();
-        if let Ok(mut q) = self.queue.lock() {
-            q.1 += 1;
+        let Ok(mut q) = self.queue.lock() else { return };
+        match q.waiting.pop_front() {
+            // The slot passes to the next in line; `busy` stays.
+            Some(next) => {
+                drop(q);
+                if let Ok(mut go) = next.go.lock() {
+                    *go = true;
+                }
+                next.cv.notify_one();
+            }
+            None => q.busy -= 1,
         }
-        self.turn.notify_all();
     }
 }
 
