@@ -80,7 +80,11 @@ pub enum Response {
 /// What the server needs to answer requests.
 fn handle(request: Request, stats: &Stats) -> Response {
     let (backend, service, drain) = match request {
-        Request::Status => return Response::Status(Box::new(stats.snapshot())),
+        Request::Status => {
+            let mut snapshot = stats.snapshot();
+            snapshot.feedback = crate::feedback::master::snapshot();
+            return Response::Status(Box::new(snapshot));
+        }
         Request::Drain { backend, service } => (backend, service, true),
         Request::Undrain { backend, service } => (backend, service, false),
         Request::Feedback => {

@@ -471,6 +471,9 @@ pub async fn run(
                     && let Some(b) = s.backends().get(t.backend)
                 {
                     b.health.publish(&health, outcome, transition);
+                    if transition.is_some() {
+                        stats.backends_changed();
+                    }
                 }
             }
         });

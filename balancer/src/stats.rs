@@ -330,6 +330,10 @@ pub struct Stats {
     /// Cluster mode: what this node knows of the cluster (published by the
     /// control plane on every change).
     pub cluster: arc_swap::ArcSwapOption<ClusterStatus>,
+    /// Bumped after a backend's weight or health changes, so the
+    /// dataplane takes the change on its next poll round (one atomic load
+    /// per round) instead of its housekeeping tick.
+    backends_version: AtomicU64,
     node: String,
 }
 
@@ -398,6 +402,7 @@ impl Stats {
             arp_replies: AtomicU64::new(0),
             passed: AtomicU64::new(0),
             cluster: arc_swap::ArcSwapOption::empty(),
+            backends_version: AtomicU64::new(0),
             node: config.node.name.clone(),
         }
     }
@@ -521,7 +526,21 @@ impl Stats {
                 changed.push(format!("{}/{}", s.name, b.name));
             }
         }
+        self.backends_changed();
         changed
+    }
+
+    /// Says that a backend's weight or health was written (after the
+    /// write: the release pairs with [`Stats::backends_version`]'s acquire).
+    pub fn backends_changed(&self) {
+        self.backends_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes of backend weights and health so far.
+    pub fn backends_version(&self) -> u64 {
+        self.backends_version
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The control-socket payload: every counter with the names and
@@ -580,6 +599,7 @@ impl Stats {
             arp_replies: self.arp_replies.load(Relaxed),
             passed: self.passed.load(Relaxed),
             cluster: self.cluster.load_full().map(|c| (*c).clone()),
+            feedback: None,
         }
     }
 }
@@ -723,6 +743,9 @@ impl StatusSnapshot {
                 c.version
             )?;
         }
+        if let Some(f) = &self.feedback {
+            f.render_into(out)?;
+        }
         Ok(())
     }
 }
@@ -755,6 +778,10 @@ pub struct StatusSnapshot {
     /// Cluster mode: members, bucket owners, MAC holder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// With `[feedback]`: agents, their health and levels, refused
+    /// messages, autoscale decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<crate::feedback::master::FeedbackSnapshot>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! links in namespaces of its own, plus the integration tests, `drill` and
 //! `bench` built on it. Everything needs root.
 
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod drill;

@@ -67,6 +67,7 @@ pub fn sweep_stale() {
             let _ = ip(&["netns", "del", name]);
         }
     }
+    crate::cgroup::sweep_stale(PREFIX);
 }
 
 fn kill_all_in(ns: &str) {
@@ -172,7 +173,24 @@ impl Host {
     pub fn spawn_logged(&self, argv: &[&str], log: Option<&Path>) -> Result<Proc> {
         let (prog, args) = argv.split_first().context("empty command")?;
         let mut cmd = self.command(prog);
-        cmd.args(args).stdin(Stdio::null());
+        cmd.args(args);
+        self.spawn_cmd(cmd, argv, log)
+    }
+
+    /// Like [`Host::spawn_logged`], but the process enters only the network
+    /// namespace (`nsenter --net`), keeping the root's mounts: `ip netns
+    /// exec` mounts a fresh /sys, which hides /sys/fs/cgroup, and a
+    /// process that reads or joins a cgroup needs it.
+    pub fn spawn_net_only(&self, argv: &[&str], log: Option<&Path>) -> Result<Proc> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.ns()))
+            .arg("--")
+            .args(argv);
+        self.spawn_cmd(cmd, argv, log)
+    }
+
+    fn spawn_cmd(&self, mut cmd: Command, argv: &[&str], log: Option<&Path>) -> Result<Proc> {
+        cmd.stdin(Stdio::null());
         match log {
             Some(path) => {
                 let f = std::fs::File::create(path)
@@ -361,6 +379,13 @@ impl Testbed {
     /// after the run for post-mortems, under the system temp dir.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A CPU accounting group for `role`'s processes, named with this
+    /// testbed's prefix; removed when the returned guard drops (drop it
+    /// after the processes in it have ended).
+    pub fn cpu_group(&self, role: &str) -> Result<crate::cgroup::CpuGroup> {
+        crate::cgroup::CpuGroup::new(&format!("{}-{role}", self.prefix))
     }
 
     /// The switch namespace holding the bridges.

@@ -15,8 +15,10 @@
 //! protocol = "tcp"                 # default
 //! port = 80
 //! forward = "dr"                   # nat | dr
-//! plugin = "cpu"                   # cpu | loadavg | command
+//! plugin = "cpu"                   # cpu | loadavg | cgroup | command
 //! # command = ["/usr/local/bin/health"]   (plugin = "command")
+//! # cgroup = "/sys/fs/cgroup/cpuacct/web" (plugin = "cgroup": v1 cpuacct or v2 dir)
+//! # cpus = 1.5                            (plugin = "cgroup": capacity; default online CPUs)
 //! low_water = 30                   # load levels, percent
 //! high_water = 80
 //! hysteresis = 5
@@ -51,6 +53,15 @@ pub enum Plugin {
     Cpu,
     /// 1-minute load average per CPU, as percent (capped at 100).
     LoadAvg,
+    /// CPU time of one cgroup (a container, a service's slice) over the
+    /// sample interval, relative to `millicpus` (or the online CPUs):
+    /// /proc/stat is the whole machine's, also inside a container or a
+    /// network namespace. Reads `cpuacct.usage` (cgroup v1) or
+    /// `cpu.stat`'s `usage_usec` (cgroup v2).
+    Cgroup {
+        dir: PathBuf,
+        millicpus: Option<u32>,
+    },
     /// An operator command: its stdout's first number is the health
     /// (0..=100); failure, timeout or garbage count as health 0.
     Command(Vec<String>),
@@ -104,6 +115,7 @@ struct RawAgent {
 enum PluginName {
     Cpu,
     Loadavg,
+    Cgroup,
     Command,
 }
 
@@ -115,6 +127,8 @@ struct RawService {
     forward: Spanned<Forward>,
     plugin: Spanned<PluginName>,
     command: Option<Spanned<Vec<String>>>,
+    cgroup: Option<Spanned<PathBuf>>,
+    cpus: Option<Spanned<f64>>,
     low_water: Option<Spanned<i64>>,
     high_water: Option<Spanned<i64>>,
     hysteresis: Option<Spanned<i64>>,
@@ -302,7 +316,55 @@ impl AgentConfig {
                 }
                 (PluginName::Cpu, None) => Plugin::Cpu,
                 (PluginName::Loadavg, None) => Plugin::LoadAvg,
+                (PluginName::Cgroup, None) => {
+                    let dir = s.cgroup.as_ref().ok_or_else(|| {
+                        ctx.err(
+                            s.plugin.span(),
+                            &format!("{k}.cgroup"),
+                            "plugin = \"cgroup\" needs cgroup = \"/sys/fs/cgroup/...\"",
+                        )
+                    })?;
+                    if !dir.get_ref().is_absolute() {
+                        return Err(ctx.err(
+                            dir.span(),
+                            &format!("{k}.cgroup"),
+                            "a cgroup is an absolute directory (/sys/fs/cgroup/...)",
+                        ));
+                    }
+                    let millicpus = match &s.cpus {
+                        None => None,
+                        Some(c) => {
+                            let v = *c.get_ref();
+                            if !(v.is_finite() && (0.001..=4096.0).contains(&v)) {
+                                return Err(ctx.err(
+                                    c.span(),
+                                    &format!("{k}.cpus"),
+                                    format!("{v} is out of range 0.001..=4096"),
+                                ));
+                            }
+                            Some((v * 1000.0).round() as u32)
+                        }
+                    };
+                    Plugin::Cgroup {
+                        dir: dir.get_ref().clone(),
+                        millicpus,
+                    }
+                }
             };
+            if !matches!(plugin, Plugin::Cgroup { .. }) {
+                let stray = s
+                    .cgroup
+                    .as_ref()
+                    .map(|c| (c.span(), "cgroup"))
+                    .or(s.cpus.as_ref().map(|c| (c.span(), "cpus")));
+                if let Some((span, key)) = stray {
+                    return Err(ctx.err(
+                        span,
+                        &format!("{k}.{key}"),
+                        format!("only plugin = \"cgroup\" takes {key}"),
+                    ));
+                }
+            }
             let pct =
                 |v: &Option<Spanned<i64>>, key: &str, d: u8| -> Result<u8, AgentConfigError> {
                     match v {
@@ -436,6 +498,66 @@ mod tests {
             8,
             10,
             "service[0].command",
+        );
+    }
+
+    #[test]
+    fn cgroup_plugin_takes_a_directory_and_a_capacity() {
+        let c = AgentConfig::parse(&format!(
+            "{HEAD}[[service]]\nport = 80\nforward = \"dr\"\nplugin = \"cgroup\"\ncgroup = \"/sys/fs/cgroup/cpuacct/web\"\ncpus = 1.5\n"
+        ), "a.toml")
+        .expect("valid");
+        assert_eq!(
+            c.services[0].plugin,
+            Plugin::Cgroup {
+                dir: PathBuf::from("/sys/fs/cgroup/cpuacct/web"),
+                millicpus: Some(1500)
+            }
+        );
+        let c = AgentConfig::parse(&format!(
+            "{HEAD}[[service]]\nport = 80\nforward = \"dr\"\nplugin = \"cgroup\"\ncgroup = \"/sys/fs/cgroup/web\"\n"
+        ), "a.toml")
+        .expect("valid");
+        assert!(matches!(
+            c.services[0].plugin,
+            Plugin::Cgroup {
+                millicpus: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_cgroup_plugins() {
+        refused(
+            &format!("{HEAD}[[service]]\nport = 80\nforward = \"dr\"\nplugin = \"cgroup\"\n"),
+            8,
+            10,
+            "service[0].cgroup",
+        );
+        refused(
+            &format!(
+                "{HEAD}[[service]]\nport = 80\nforward = \"dr\"\nplugin = \"cgroup\"\ncgroup = \"web\"\n"
+            ),
+            9,
+            10,
+            "service[0].cgroup",
+        );
+        refused(
+            &format!(
+                "{HEAD}[[service]]\nport = 80\nforward = \"dr\"\nplugin = \"cgroup\"\ncgroup = \"/c\"\ncpus = 0\n"
+            ),
+            10,
+            8,
+            "service[0].cpus",
+        );
+        refused(
+            &format!(
+                "{HEAD}[[service]]\nport = 80\nforward = \"dr\"\nplugin = \"cpu\"\ncpus = 2\n"
+            ),
+            9,
+            8,
+            "service[0].cpus",
         );
     }
 

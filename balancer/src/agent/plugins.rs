@@ -2,7 +2,8 @@
 //! the agent answers health = 100 - load. Pure parsers with tests; the
 //! reads are thin.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::config::Plugin;
 
@@ -43,6 +44,41 @@ pub fn cpu_load(prev: CpuTimes, now: CpuTimes) -> u8 {
     ((db * 100 + dt / 2) / dt) as u8
 }
 
+/// A cgroup's CPU time in nanoseconds: cgroup v1's `cpuacct.usage` (one
+/// number, ns) or cgroup v2's `cpu.stat` (`usage_usec N`).
+pub fn parse_cgroup_usage(file: &str, text: &str) -> Option<u64> {
+    if file == "cpuacct.usage" {
+        return text.trim().parse().ok();
+    }
+    let usec: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()?;
+    usec.checked_mul(1000)
+}
+
+/// A cgroup's load between two samples: CPU time used over the wall time
+/// times the capacity (in thousandths of a CPU), percent, capped at 100.
+pub fn cgroup_load(used_ns: u64, wall: Duration, millicpus: u32) -> u8 {
+    let capacity = wall.as_nanos() * u128::from(millicpus) / 1000;
+    if capacity == 0 {
+        return 0;
+    }
+    ((u128::from(used_ns) * 100 + capacity / 2) / capacity).min(100) as u8
+}
+
+/// Reads a cgroup directory's CPU time: v1 first, then v2.
+async fn read_cgroup_usage(dir: &Path) -> Option<u64> {
+    for file in ["cpuacct.usage", "cpu.stat"] {
+        if let Ok(text) = tokio::fs::read_to_string(dir.join(file)).await {
+            return parse_cgroup_usage(file, &text);
+        }
+    }
+    None
+}
+
 /// 1-minute load average per CPU as percent, capped at 100.
 pub fn parse_loadavg(text: &str, cpus: usize) -> Option<u8> {
     let one: f64 = text.split_whitespace().next()?.parse().ok()?;
@@ -68,6 +104,8 @@ pub fn parse_health(stdout: &str) -> Option<u8> {
 pub struct Sampler {
     plugin: Plugin,
     prev_cpu: Option<CpuTimes>,
+    /// The cgroup plugin's previous sample: CPU time (ns) and when.
+    prev_cgroup: Option<(u64, Instant)>,
 }
 
 impl Sampler {
@@ -75,6 +113,7 @@ impl Sampler {
         Sampler {
             plugin,
             prev_cpu: None,
+            prev_cgroup: None,
         }
     }
 
@@ -92,6 +131,22 @@ impl Sampler {
                 };
                 let load = self.prev_cpu.map_or(0, |p| cpu_load(p, now));
                 self.prev_cpu = Some(now);
+                load
+            }
+            Plugin::Cgroup { dir, millicpus } => {
+                let Some(used) = read_cgroup_usage(dir).await else {
+                    tracing::warn!(cgroup = %dir.display(), "cannot read the cgroup's CPU time");
+                    self.prev_cgroup = None;
+                    return 100;
+                };
+                let now = Instant::now();
+                let millicpus = millicpus.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1000, |n| n.get() as u32 * 1000)
+                });
+                let load = self.prev_cgroup.map_or(0, |(prev, at)| {
+                    cgroup_load(used.saturating_sub(prev), now - at, millicpus)
+                });
+                self.prev_cgroup = Some((used, now));
                 load
             }
             Plugin::LoadAvg => {
@@ -175,6 +230,62 @@ mod tests {
             ),
             100
         );
+    }
+
+    #[test]
+    fn cgroup_usage_reads_v1_and_v2() {
+        assert_eq!(
+            parse_cgroup_usage("cpuacct.usage", "123456789\n"),
+            Some(123_456_789)
+        );
+        assert_eq!(
+            parse_cgroup_usage(
+                "cpu.stat",
+                "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n"
+            ),
+            Some(2_500_000)
+        );
+        assert_eq!(parse_cgroup_usage("cpu.stat", "user_usec 1\n"), None);
+        assert_eq!(parse_cgroup_usage("cpuacct.usage", "x"), None);
+    }
+
+    #[test]
+    fn cgroup_load_is_relative_to_the_capacity() {
+        let s = Duration::from_secs(1);
+        // Half a CPU-second in one second: 50 % of one CPU, 25 % of two.
+        assert_eq!(cgroup_load(500_000_000, s, 1000), 50);
+        assert_eq!(cgroup_load(500_000_000, s, 2000), 25);
+        // A quarter CPU quota fully used.
+        assert_eq!(cgroup_load(250_000_000, s, 250), 100);
+        assert_eq!(cgroup_load(2_000_000_000, s, 1000), 100);
+        assert_eq!(cgroup_load(1, Duration::ZERO, 1000), 0);
+    }
+
+    #[tokio::test]
+    async fn cgroup_plugin_measures_the_counter_over_wall_time() {
+        let dir = std::env::temp_dir().join(format!("lbt-cgroup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let usage = dir.join("cpuacct.usage");
+        std::fs::write(&usage, "1000000000\n").expect("write");
+        let mut s = Sampler::new(Plugin::Cgroup {
+            dir: dir.clone(),
+            millicpus: Some(1000),
+        });
+        assert_eq!(
+            s.sample(Duration::from_secs(1)).await,
+            0,
+            "first sample has no interval"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // 1 CPU-second in ~0.2 s of wall time: saturated.
+        std::fs::write(&usage, "2000000000\n").expect("write");
+        assert_eq!(s.sample(Duration::from_secs(1)).await, 100);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // No CPU time at all: idle.
+        assert_eq!(s.sample(Duration::from_secs(1)).await, 0);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        // A cgroup that is gone cannot tell: saturated.
+        assert_eq!(s.sample(Duration::from_secs(1)).await, 100);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct Engine {
     /// Director mode: the peers' front MACs.
     front_neigh: Neighbors,
     stats: Arc<Stats>,
+    /// The [`Stats::backends_version`] last taken into the views.
+    backends_seen: u64,
     hasher: FlowHasher,
     due: Vec<Ipv4Addr>,
     garps_sent: u32,
@@ -296,6 +298,7 @@ impl Engine {
             next_garp_ms: 0,
             scratch: [0; 64],
             shared: None,
+            backends_seen: 0,
             view: None,
             leaving_since: None,
             persist: PersistTable::new(persist_slots, hasher),
@@ -350,9 +353,15 @@ impl Engine {
         }
     }
 
-    /// Picks up a newly published cluster view (cheap when nothing changed:
-    /// one atomic load). Call once per poll round.
+    /// Picks up changed backend weights and health, and a newly published
+    /// cluster view (cheap when nothing changed: two atomic loads). Call
+    /// once per poll round.
     pub fn refresh(&mut self) {
+        let version = self.stats.backends_version();
+        if version != self.backends_seen {
+            self.backends_seen = version;
+            self.refresh_backends();
+        }
         let Some(shared) = &self.shared else { return };
         let current = shared.load();
         if self

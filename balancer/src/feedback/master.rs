@@ -109,6 +109,73 @@ pub struct MemberSnapshot {
     pub retiring: bool,
 }
 
+/// Decisions `balancer status` prints (all of them are in `--json`).
+const DECISIONS_SHOWN: usize = 8;
+
+impl FeedbackSnapshot {
+    /// The feedback part of `balancer status`.
+    pub fn render_into(&self, out: &mut String) -> std::fmt::Result {
+        use std::fmt::Write;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Feedback master {}: {} agent session(s)",
+            self.listen, self.agents
+        )?;
+        if self.servers.is_empty() {
+            writeln!(out, "  no agent serves any backend")?;
+        } else {
+            writeln!(
+                out,
+                "  {:<12} {:<18} {:<12} {:<15} {:>6} {:<10} {:>6}",
+                "Service", "Backend", "Agent", "Address", "Health", "Level", "Weight"
+            )?;
+        }
+        for m in &self.servers {
+            writeln!(
+                out,
+                "  {:<12} {:<18} {:<12} {:<15} {:>6} {:<10} {:>6}{}",
+                m.service,
+                m.backend,
+                m.agent,
+                m.address,
+                m.health.map_or("-".into(), |h| h.to_string()),
+                m.level.map_or("-", |l| l.as_str()),
+                m.weight,
+                if m.retiring { " retiring" } else { "" }
+            )?;
+        }
+        let refused: Vec<String> = self
+            .refused
+            .iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        if !refused.is_empty() {
+            writeln!(out, "  refused messages: {}", refused.join(", "))?;
+        }
+        if !self.decisions.is_empty() {
+            writeln!(
+                out,
+                "  autoscale decisions (last {} of {}):",
+                self.decisions.len().min(DECISIONS_SHOWN),
+                self.decisions.len()
+            )?;
+            let skip = self.decisions.len().saturating_sub(DECISIONS_SHOWN);
+            for d in self.decisions.iter().skip(skip) {
+                writeln!(
+                    out,
+                    "    +{:>9.1}s {:<12} {}",
+                    d.at_ms as f64 / 1000.0,
+                    d.service,
+                    d.decision
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Shared by the listener, the sessions and the autoscaler.
 #[derive(Debug)]
 pub struct Master {
@@ -194,12 +261,14 @@ impl Master {
             Ok(_) => m.written = w,
             Err(0) => {
                 tracing::debug!(backend = %self.config.services[si].backends[bi].name, "drained by the operator: weight left at 0");
+                return;
             }
             Err(_) => {
                 atom.store(w, Relaxed);
                 m.written = w;
             }
         }
+        self.stats.backends_changed();
     }
 
     /// Where an offer from `peer` fits: the (service, backend) slots, or
