@@ -109,7 +109,7 @@ fn quick_run_reports_every_experiment_with_figures_and_plots() -> Result<()> {
         !left.contains(&format!("lbt{pid}x")),
         "namespaces left behind:\n{left}"
     );
-    // The feedback experiment's cgroups are named lbt<pid>-<role>.
+    // The feedback experiment's cgroups are named lbt<pid>x<n>-<role>.
     let groups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/cpuacct")?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -13,17 +13,16 @@
 //!   namespace, so every agent would report the same load) as health
 //!   = 100 - load; the master smooths health into the wrr weight.
 //!
-//! Every server runs in a cpuacct cgroup of its own ([`CpuCgroup`],
-//! cgroup v1), which measures per-server CPU for the report (and feeds
-//! the agents). Every (variant, rate) run starts servers, agents and the
+//! Every server runs in a CPU accounting cgroup of its own
+//! ([`crate::cgroup::CpuGroup`]: cpuacct here), which measures per-server
+//! CPU for the report and feeds the agents. Every (variant, rate) run starts servers, agents and the
 //! balancer afresh, lets the load run `warmup` before it counts, then
 //! measures `duration`: response rate (ok/s), errors (failed or past the
 //! deadline), latency of successes, each server's CPU and weight (sampled
 //! every 250 ms) and share of the connections the balancer scheduled.
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,16 +35,13 @@ use super::chart::{self, Line, LineStyle, PALETTE};
 use super::{
     Options, Report, SRV_PORT, VIP_PORT, latencies_ms, med, percentile, ready_answered, target,
 };
+use crate::cgroup::CpuGroup;
 use crate::drill::load::{self, Fail, Sample, Spec};
 use crate::single::{CLIENT, GATEWAY, SingleNode, VIP, rs_addr, wait_listening};
 use crate::topo::{Proc, wait_until, workspace_bin};
 
 /// Real servers: rs1..rs3 cheap, rs4 (the last) expensive.
 pub const SERVERS: usize = 4;
-/// The cgroup v1 cpuacct hierarchy.
-pub const CPUACCT: &str = "/sys/fs/cgroup/cpuacct";
-/// Name prefix of the cgroups this harness creates: `lbt<pid>-<role>`.
-const PREFIX: &str = "lbt";
 /// Every server's static weight (and the master's initial one).
 const WEIGHT: u32 = 100;
 /// How often CPU, weights and connection counts are sampled.
@@ -57,118 +53,6 @@ const KEY: &str = "lbt-feedback-experiment-key";
 const KEEPALIVE: &str = "500ms";
 const SAMPLE: &str = "500ms";
 const ALPHA: f64 = 0.5;
-
-/// A cpuacct cgroup (v1) for one real server, removed on drop (also on
-/// error and panic): the processes in it must be gone by then; any left
-/// (still exiting) are moved to the root cgroup first.
-#[derive(Debug)]
-pub struct CpuCgroup {
-    path: PathBuf,
-}
-
-impl CpuCgroup {
-    /// Creates `/sys/fs/cgroup/cpuacct/lbt<pid>-<role>`.
-    pub fn new(role: &str) -> Result<CpuCgroup> {
-        if !Path::new(CPUACCT).join("cpuacct.usage").exists() {
-            bail!("{CPUACCT} is not a mounted cgroup v1 cpuacct hierarchy");
-        }
-        let path = Path::new(CPUACCT).join(format!("{PREFIX}{}-{role}", std::process::id()));
-        if path.exists() {
-            remove_cgroup(&path);
-        }
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(CpuCgroup { path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Moves process `pid` (all its threads) into the cgroup.
-    pub fn add(&self, pid: i32) -> Result<()> {
-        let procs = self.path.join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string())
-            .with_context(|| format!("writing {pid} to {}", procs.display()))
-    }
-
-    /// CPU time used by the cgroup's tasks so far.
-    pub fn usage(&self) -> Result<Duration> {
-        read_usage(&self.usage_file())
-    }
-
-    fn usage_file(&self) -> PathBuf {
-        self.path.join("cpuacct.usage")
-    }
-}
-
-impl Drop for CpuCgroup {
-    fn drop(&mut self) {
-        remove_cgroup(&self.path);
-    }
-}
-
-fn read_usage(file: &Path) -> Result<Duration> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let ns: u64 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("{}: not a number: {text:?}", file.display()))?;
-    Ok(Duration::from_nanos(ns))
-}
-
-/// Removes a cgroup directory, moving tasks still in it to the root
-/// cgroup (a killed process may take a moment to leave).
-fn remove_cgroup(path: &Path) {
-    for _ in 0..40 {
-        match std::fs::remove_dir(path) {
-            Ok(()) => return,
-            Err(e) if e.kind() == ErrorKind::NotFound => return,
-            Err(_) => {
-                if let Ok(t) = std::fs::read_to_string(path.join("cgroup.procs")) {
-                    for pid in t.split_whitespace() {
-                        let _ = std::fs::write(Path::new(CPUACCT).join("cgroup.procs"), pid);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
-        }
-    }
-    eprintln!("experiments: could not remove cgroup {}", path.display());
-}
-
-/// Removes cgroups left by earlier runs whose process is gone (a
-/// SIGKILLed run cannot run its destructors).
-pub fn sweep_stale_cgroups() {
-    let Ok(dir) = std::fs::read_dir(CPUACCT) else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some((pid, _)) = name.strip_prefix(PREFIX).and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            remove_cgroup(&e.path());
-        }
-    }
-}
-
-/// Cgroups of this process still present (the smoke test wants none).
-pub fn own_cgroups() -> Vec<String> {
-    let me = format!("{PREFIX}{}-", std::process::id());
-    std::fs::read_dir(CPUACCT)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&me))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// The two variants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,9 +187,9 @@ fn agent_config(i: usize, cgroup: &Path) -> String {
     )
 }
 
-/// Starts the servers, each moved into its cgroup: rs4 burns `burn_us`
-/// per request with one worker.
-fn start_servers(node: &SingleNode, cgroups: &[CpuCgroup], burn_us: u64) -> Result<Vec<Proc>> {
+/// Starts the servers, each in its cgroup from before its exec: rs4
+/// burns `burn_us` per request with one worker.
+fn start_servers(node: &SingleNode, cgroups: &[CpuGroup], burn_us: u64) -> Result<Vec<Proc>> {
     let bin = workspace_bin("testsrv")?;
     let bin = bin.to_string_lossy();
     let listen = format!("0.0.0.0:{SRV_PORT}");
@@ -317,38 +201,29 @@ fn start_servers(node: &SingleNode, cgroups: &[CpuCgroup], burn_us: u64) -> Resu
         if i == SERVERS - 1 {
             argv.extend(["--burn-us", &burn, "--workers", "1"]);
         }
-        let p = node.rs[i].spawn_logged(&argv, Some(&node.dir().join(format!("{name}.log"))))?;
-        cg.add(p.pid().context("testsrv has no pid")?)?;
-        procs.push(p);
+        // Only the network namespace: joining the cgroup needs /sys/fs/cgroup.
+        let argv = cg.wrap(&argv);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        procs
+            .push(node.rs[i].spawn_net_only(&argv, Some(&node.dir().join(format!("{name}.log"))))?);
         wait_listening(&node.rs[i], SRV_PORT)?;
     }
     Ok(procs)
 }
 
-/// Starts an agent in every real server's namespace. `ip netns exec`
-/// gives its program a fresh sysfs without the cgroup mounts, so the
-/// agent goes back into this process's mount namespace (`nsenter
-/// --mount`): it keeps the server's network namespace and sees
-/// /sys/fs/cgroup as the host does.
-fn start_agents(node: &SingleNode, cgroups: &[CpuCgroup]) -> Result<Vec<Proc>> {
+/// Starts an agent in every real server's network namespace, outside the
+/// server's cgroup (it measures it). Only the network namespace: `ip
+/// netns exec` mounts a fresh /sys, which hides /sys/fs/cgroup.
+fn start_agents(node: &SingleNode, cgroups: &[CpuGroup]) -> Result<Vec<Proc>> {
     let bin = workspace_bin("balancer-agent")?;
     let bin = bin.to_string_lossy();
-    let mnt = format!("--mount=/proc/{}/ns/mnt", std::process::id());
     let mut procs = Vec::new();
     for (i, cg) in cgroups.iter().enumerate() {
         let name = role(i);
         let cfg = node.dir().join(format!("agent-{name}.toml"));
-        std::fs::write(&cfg, agent_config(i, cg.path()))?;
-        procs.push(node.rs[i].spawn_logged(
-            &[
-                "nsenter",
-                &mnt,
-                "--",
-                &bin,
-                "run",
-                "-c",
-                &cfg.to_string_lossy(),
-            ],
+        std::fs::write(&cfg, agent_config(i, cg.dir()))?;
+        procs.push(node.rs[i].spawn_net_only(
+            &[&bin, "run", "-c", &cfg.to_string_lossy()],
             Some(&node.dir().join(format!("agent-{name}.log"))),
         )?);
     }
@@ -396,50 +271,48 @@ fn agents_reporting(node: &SingleNode, agents: &mut [Proc]) -> Result<()> {
     Ok(())
 }
 
-/// Samples cgroups and the balancer every [`TICK`] from `t0` until `stop`.
-fn sampler(
-    files: Vec<PathBuf>,
-    sock: PathBuf,
-    t0: Instant,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Tick>> {
-    std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut k = 0u32;
-        while !stop.load(Ordering::Relaxed) {
-            let at = t0 + TICK * k;
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-            k += 1;
-            let t = Instant::now().saturating_duration_since(t0);
-            let usage: Vec<Duration> = files
-                .iter()
-                .map(|f| read_usage(f).unwrap_or_default())
-                .collect();
-            // A status that fails (busy node) repeats the last one, so that
-            // deltas over the window stay right.
-            let (mut weight, mut conns) = out.last().map_or_else(
-                || (vec![0; SERVERS], vec![0; SERVERS]),
-                |k: &Tick| (k.weight.clone(), k.conns.clone()),
-            );
-            let status = balancer::control::status(&sock, Duration::from_secs(1));
-            if let Some(svc) = status.ok().and_then(|s| s.services.into_iter().next()) {
-                for (i, b) in svc.backends.iter().take(SERVERS).enumerate() {
-                    weight[i] = b.weight;
-                    conns[i] = b.counters.conns_total;
-                }
-            }
-            out.push(Tick {
-                t,
-                usage,
-                weight,
-                conns,
-            });
+/// Samples the cgroups and the balancer every [`TICK`] from `t0` until
+/// `stop`.
+fn sample(cgroups: &[CpuGroup], sock: &Path, t0: Instant, stop: &AtomicBool) -> Vec<Tick> {
+    let mut out = Vec::new();
+    let mut k = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let at = t0 + TICK * k;
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
         }
-        out
-    })
+        k += 1;
+        let t = Instant::now().saturating_duration_since(t0);
+        // A read that fails repeats the last value, so that deltas over the
+        // window stay right.
+        let usage: Vec<Duration> = cgroups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                g.usage()
+                    .unwrap_or_else(|_| out.last().map_or(Duration::ZERO, |k: &Tick| k.usage[i]))
+            })
+            .collect();
+        let (mut weight, mut conns) = out.last().map_or_else(
+            || (vec![0; SERVERS], vec![0; SERVERS]),
+            |k: &Tick| (k.weight.clone(), k.conns.clone()),
+        );
+        let status = balancer::control::status(sock, Duration::from_secs(1));
+        if let Some(svc) = status.ok().and_then(|s| s.services.into_iter().next()) {
+            for (i, b) in svc.backends.iter().take(SERVERS).enumerate() {
+                weight[i] = b.weight;
+                conns[i] = b.counters.conns_total;
+            }
+        }
+        out.push(Tick {
+            t,
+            usage,
+            weight,
+            conns,
+        });
+    }
+    out
 }
 
 /// One run at `rate` in `mode`: everything started, loaded, stopped.
@@ -450,8 +323,8 @@ fn run_step(
     opts: &Options,
 ) -> Result<(StepFigures, Vec<TimePoint>)> {
     // Declared first, dropped last: the processes are gone by then.
-    let cgroups: Vec<CpuCgroup> = (0..SERVERS)
-        .map(|i| CpuCgroup::new(&role(i)))
+    let cgroups: Vec<CpuGroup> = (0..SERVERS)
+        .map(|i| node.tb.cpu_group(&role(i)))
         .collect::<Result<_>>()?;
     let servers = start_servers(node, &cgroups, opts.fb_burn_us)?;
     let cfg = node.write_config(&node_config(mode))?;
@@ -478,17 +351,18 @@ fn run_step(
             long_timeout: opts.timeout,
         };
         let t0 = Instant::now() + Duration::from_millis(20);
-        let stop = Arc::new(AtomicBool::new(false));
-        let files = cgroups.iter().map(CpuCgroup::usage_file).collect();
-        let sampling = sampler(files, node.control_socket(), t0, stop.clone());
-        let samples = node
-            .client
-            .in_ns(move || load::run(spec, t0, Arc::new(AtomicBool::new(false))))?
-            .samples;
-        stop.store(true, Ordering::Relaxed);
-        let ticks = sampling
-            .join()
-            .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+        let stop = AtomicBool::new(false);
+        let sock = node.control_socket();
+        let (samples, ticks) = std::thread::scope(|sc| {
+            let sampling = sc.spawn(|| sample(&cgroups, &sock, t0, &stop));
+            let samples = node
+                .client
+                .in_ns(move || load::run(spec, t0, Arc::new(AtomicBool::new(false))));
+            stop.store(true, Ordering::Relaxed);
+            (samples, sampling.join())
+        });
+        let samples = samples?.samples;
+        let ticks = ticks.map_err(|_| anyhow::anyhow!("sampler panicked"))?;
         let fig = step_figures(rate, &samples, &ticks, warmup, duration)?;
         Ok((fig, timeline(&ticks)))
     })();
@@ -629,7 +503,6 @@ pub fn run(node: &SingleNode, opts: &Options) -> Result<Report> {
     if node.rs.len() < SERVERS {
         bail!("the feedback experiment needs {SERVERS} real servers");
     }
-    sweep_stale_cgroups();
     let rates = opts.fb_rates.clone();
     let mut runs: Vec<Vec<Vec<StepFigures>>> = vec![vec![Vec::new(); rates.len()]; Mode::ALL.len()];
     let mut lines: Vec<Vec<Vec<TimePoint>>> = vec![vec![Vec::new(); rates.len()]; Mode::ALL.len()];
