@@ -72,7 +72,7 @@ struct Cli {
     #[arg(long)]
     shed_threshold: Option<u32>,
     /// feedback: offered loads, new connections/s, comma-separated
-    /// (default 100,200,300,400,500,600; --quick 100,500).
+    /// (default 100,200,300,400,500,600,800; --quick 100,500).
     #[arg(long, value_name = "RATES", value_delimiter = ',')]
     fb_rates: Vec<f64>,
     /// feedback: rs4's CPU time per request, µs (default 10000).

@@ -649,12 +649,13 @@ fn plots(d: &FeedbackData, opts: &Options) -> Result<Vec<String>> {
             })
             .collect()
     };
-    let mut rate_lines = vs_rate(|f| f.ok_per_s);
-    rate_lines.push(Line {
+    // The offered load first, so the variants are drawn over it.
+    let mut rate_lines = vec![Line {
         label: "offered".into(),
         points: d.rates.iter().map(|&r| (r, r)).collect(),
-        color: plotters::style::RGBColor(0x99, 0x99, 0x99),
-    });
+        color: plotters::style::RGBColor(0xbb, 0xbb, 0xbb),
+    }];
+    rate_lines.extend(vs_rate(|f| f.ok_per_s));
     let path = opts.out.join("feedback-rate.svg");
     chart::lines_with(
         &path,

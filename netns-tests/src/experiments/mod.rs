@@ -184,7 +184,7 @@ impl Options {
             shed_rate: 120.0,
             shed_duration: Duration::from_secs(10),
             shed_threshold: 30,
-            fb_rates: vec![100.0, 200.0, 300.0, 400.0, 500.0, 600.0],
+            fb_rates: vec![100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 800.0],
             fb_burn_us: 10_000,
             fb_warmup: Duration::from_secs(3),
             fb_duration: Duration::from_secs(10),
