@@ -11,14 +11,16 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use netns_tests::experiments::{self, Exp, Options};
 
-/// The L7 seed's balancing experiments repeated at layer 4 (needs root;
-/// build the workspace first: `cargo build --workspace`).
+/// The L7 seed's balancing experiments repeated at layer 4, and the
+/// feedbackd paper's experiment (needs root; build the workspace first:
+/// `cargo build --workspace`).
 ///
 /// Topology (built once, removed at the end): a client (198.18.0.2), the
-/// balancer (VIP 198.18.0.100:80, NAT), real servers rs1..rs3 running
-/// `testsrv` on 8080 with an emulated capacity: `--delay-ms` service time
-/// per request and `--workers` requests in service at once (capacity =
-/// workers x 1000 / delay req/s; no CPU burnt).
+/// balancer (VIP 198.18.0.100:80, NAT), real servers rs1..rs3 (rs1..rs4
+/// when feedback runs) running `testsrv` on 8080 with an emulated
+/// capacity: `--delay-ms` service time per request and `--workers`
+/// requests in service at once (capacity = workers x 1000 / delay req/s;
+/// no CPU burnt), or `--burn-us` CPU time per request (feedback's rs4).
 ///
 ///   scale     1 server vs 3 equal servers (200 req/s each) under rr;
 ///   weighted  rr vs wrr 1:2:3, servers of 100/200/300 req/s;
@@ -37,9 +39,8 @@ use netns_tests::experiments::{self, Exp, Options};
 /// scale, weighted and least: closed loop (--clients threads, one request
 /// per new connection, back to back); shed: new connections at a fixed
 /// rate (the drill's generator), as does feedback. Each request has a 2 s
-/// deadline. Variants
-/// alternate, the table gives medians over --reps runs; only ratios within
-/// one run mean anything (BENCH.md).
+/// deadline. Variants alternate, the table gives medians over --reps
+/// runs; only ratios within one run mean anything (BENCH.md).
 ///
 /// Output: a Markdown table per experiment on stdout (and all of them in
 /// OUT/experiments.md), SVG plots under --out, everything as JSON (--json).

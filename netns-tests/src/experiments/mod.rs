@@ -1,7 +1,9 @@
 //! `experiments`: the L7 seed's balancing experiments repeated at layer 4
-//! (issue 5), on the single-node topology ([`SingleNode`]): a client, the
-//! balancer, three real servers running `testsrv` whose capacity is
-//! emulated (`--delay-ms` service time, `--workers` concurrent requests).
+//! (issue 5) and the feedbackd paper's experiment (issue 6), on the
+//! single-node topology ([`SingleNode`]): a client, the balancer, three
+//! real servers (four when `feedback` runs) running `testsrv` whose
+//! capacity is emulated (`--delay-ms` service time, `--workers`
+//! concurrent requests, `--burn-us` CPU per request).
 //!
 //! 1. **scale**: 1 server vs 3 equal servers under rr.
 //! 2. **weighted**: rr vs wrr 1:2:3 on servers of capacities 1:2:3.
