@@ -15,11 +15,12 @@
 //!
 //! Every server runs in a CPU accounting cgroup of its own
 //! ([`crate::cgroup::CpuGroup`]: cpuacct here), which measures per-server
-//! CPU for the report and feeds the agents. Every (variant, rate) run starts servers, agents and the
-//! balancer afresh, lets the load run `warmup` before it counts, then
-//! measures `duration`: response rate (ok/s), errors (failed or past the
-//! deadline), latency of successes, each server's CPU and weight (sampled
-//! every 250 ms) and share of the connections the balancer scheduled.
+//! CPU for the report and feeds the agents. Every (variant, rate) run
+//! starts servers, agents and the balancer afresh, lets the load run
+//! `warmup` before it counts, then measures `duration`: response rate
+//! (ok/s), errors (failed or past the deadline), latency of successes,
+//! each server's CPU and weight (sampled every 250 ms) and share of the
+//! connections the balancer scheduled.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -767,4 +768,114 @@ fn plots(d: &FeedbackData, opts: &Options) -> Result<Vec<String>> {
         out.push(path.display().to_string());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn sample(start: u64, took: u64, result: Result<&str, Fail>) -> Sample {
+        Sample {
+            start: ms(start),
+            end: ms(start + took),
+            result: result.map(str::to_owned),
+        }
+    }
+
+    /// Ticks every 250 ms from 0 to 2 s: rs4 busy half a CPU, rs1 a tenth;
+    /// the balancer schedules 3 connections per tick to rs1, 1 to rs4; rs4's
+    /// weight is 40 from 1 s on.
+    fn ticks() -> Vec<Tick> {
+        (0..=8u64)
+            .map(|k| Tick {
+                t: ms(250 * k),
+                usage: vec![ms(25 * k), ms(0), ms(0), ms(125 * k)],
+                weight: vec![100, 100, 100, if k >= 4 { 40 } else { 100 }],
+                conns: vec![3 * k, 0, 0, k],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn figures_count_only_requests_sent_in_the_measured_window() {
+        let samples = vec![
+            sample(100, 5, Ok("rs1")), // warm-up: not counted
+            sample(1000, 10, Ok("rs1")),
+            sample(1200, 30, Ok("rs4")),
+            sample(1500, 2000, Err(Fail::Timeout)),
+            sample(1700, 0, Err(Fail::Refused)),
+            sample(1999, 1, Err(Fail::Closed)),
+            sample(2000, 5, Ok("rs1")), // after the window
+        ];
+        let f = step_figures(200.0, &samples, &ticks(), ms(1000), ms(1000)).expect("figures");
+        assert_eq!((f.requests, f.ok, f.errors), (5, 2, 3));
+        assert_eq!((f.timeouts, f.refused, f.other_errors), (1, 1, 1));
+        assert!((f.ok_per_s - 2.0).abs() < 1e-9);
+        assert!((f.error_pct - 60.0).abs() < 1e-9);
+        assert!((f.p50_ms - 10.0).abs() < 1e-9 && (f.p99_ms - 30.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cpu_share_and_weight_come_from_the_samples_at_the_window_edges() {
+        let f = step_figures(200.0, &[], &ticks(), ms(1000), ms(1000)).expect("figures");
+        let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+        // rs4 used 125 ms per 250 ms: 50 % of one CPU; rs1 10 %.
+        assert!((get(&f.cpu_pct, "rs4") - 50.0).abs() < 1e-9);
+        assert!((get(&f.cpu_pct, "rs1") - 10.0).abs() < 1e-9);
+        assert!((get(&f.share, "rs1") - 0.75).abs() < 1e-9);
+        assert!((get(&f.share, "rs4") - 0.25).abs() < 1e-9);
+        assert!((get(&f.weight, "rs4") - 40.0).abs() < 1e-9);
+        assert!((get(&f.weight, "rs2") - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn figures_need_samples_that_span_the_window() {
+        let one = vec![ticks().remove(0)];
+        assert!(step_figures(200.0, &[], &one, ms(1000), ms(1000)).is_err());
+        assert!(step_figures(200.0, &[], &[], ms(1000), ms(1000)).is_err());
+    }
+
+    #[test]
+    fn timeline_gives_cpu_between_consecutive_samples() {
+        let tl = timeline(&ticks());
+        assert_eq!(tl.len(), 8);
+        assert!((tl[0].cpu_pct[3] - 50.0).abs() < 1e-9);
+        assert_eq!(tl[3].weight[3], 40);
+    }
+
+    #[test]
+    fn median_is_taken_field_by_field() {
+        let mk = |ok: usize, cpu4: f64| StepFigures {
+            ok,
+            cpu_pct: [("rs4".to_owned(), cpu4)].into_iter().collect(),
+            ..StepFigures::default()
+        };
+        let m = median(&[mk(10, 90.0), mk(30, 10.0), mk(20, 50.0)]);
+        assert_eq!(m.ok, 20);
+        assert_eq!(m.cpu_pct.get("rs4").copied(), Some(50.0));
+        assert_eq!(m.cpu_pct.get("rs1").copied(), Some(0.0));
+    }
+
+    #[test]
+    fn agent_and_node_configs_parse() {
+        let agent = agent_config(3, Path::new("/sys/fs/cgroup/cpuacct/lbt1x0-rs4"));
+        let a = balancer::agent::config::AgentConfig::parse(&agent, "agent.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.name, "rs4");
+        assert_eq!(a.services[0].offer.port, SRV_PORT);
+        for mode in Mode::ALL {
+            let node = format!(
+                "[node]\nname = \"lb\"\nfront = \"front0\"\nback = \"back0\"\nback_gateway = \"{GATEWAY}/24\"\n\n{}",
+                node_config(mode)
+            );
+            let c =
+                balancer::config::Config::parse(&node, "lb.toml").unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.services[0].backends.len(), SERVERS);
+            assert_eq!(c.feedback.is_some(), mode == Mode::Feedback);
+        }
+    }
 }
