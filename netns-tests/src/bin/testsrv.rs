@@ -16,51 +16,128 @@
 //! wait their turn in arrival order (a queue, as in a server with N worker
 //! threads). Such a server does at most `workers * 1000 / delay-ms`
 //! requests per second, without burning CPU.
+//!
+//! Expensive responses (for the `feedback` experiment): `--burn-us N` makes
+//! every HTTP request cost N µs of CPU time (the serving thread's own CPU
+//! clock, spent in a busy loop) before it is answered, inside its worker
+//! slot. With `--workers 1` the server thus uses at most one CPU and
+//! serves at most 1e6 / N requests per second when it has that CPU to
+//! itself; under CPU contention each request takes longer in wall time
+//! but still costs the same N µs of CPU.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Service time and worker limit of HTTP requests (`--delay-ms`,
-/// `--workers`); the default does neither.
+use nix::time::{ClockId, clock_gettime};
+
+/// Service time, CPU cost and worker limit of HTTP requests
+/// (`--delay-ms`, `--burn-us`, `--workers`); the default does none.
 #[derive(Default)]
 struct Capacity {
     delay: Duration,
+    /// CPU time each request burns.
+    burn: Duration,
     /// 0 = unlimited.
     workers: usize,
-    /// (tickets handed out, tickets served so far): a FIFO ticket lock
-    /// admitting `workers` at once.
-    queue: Mutex<(u64, u64)>,
-    turn: Condvar,
+    /// Requests in service and those waiting, in arrival order.
+    queue: Mutex<Queue>,
+}
+
+/// A FIFO admission of `workers` requests at once. Each waiter sleeps on
+/// its own [`Turn`], and a finishing request hands its slot straight to
+/// the first waiter: one wake-up per request, however long the queue (a
+/// shared condition variable woke every waiter on every completion, which
+/// cost an overloaded server more CPU than its work).
+#[derive(Default)]
+struct Queue {
+    busy: usize,
+    waiting: VecDeque<Arc<Turn>>,
+}
+
+#[derive(Default)]
+struct Turn {
+    go: Mutex<bool>,
+    cv: Condvar,
 }
 
 impl Capacity {
+    /// One request's service: its CPU burn, then its delay.
+    fn work(&self) {
+        if !self.burn.is_zero() {
+            burn_cpu(self.burn);
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+    }
+
     /// Holds the calling request for its service time, after waiting for a
     /// free worker.
     fn serve_one(&self) {
         if self.workers == 0 {
-            if !self.delay.is_zero() {
-                std::thread::sleep(self.delay);
-            }
+            self.work();
             return;
         }
+        let turn = {
+            let Ok(mut q) = self.queue.lock() else { return };
+            if q.busy < self.workers && q.waiting.is_empty() {
+                q.busy += 1;
+                None
+            } else {
+                let t = Arc::new(Turn::default());
+                q.waiting.push_back(t.clone());
+                Some(t)
+            }
+        };
+        if let Some(t) = turn {
+            let Ok(mut go) = t.go.lock() else { return };
+            while !*go {
+                go = match t.cv.wait(go) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+            }
+        }
+        self.work();
         let Ok(mut q) = self.queue.lock() else { return };
-        let ticket = q.0;
-        q.0 += 1;
-        // In service once fewer than `workers` earlier tickets are unfinished.
-        while ticket >= q.1 + self.workers as u64 {
-            q = match self.turn.wait(q) {
-                Ok(q) => q,
-                Err(_) => return,
-            };
+        match q.waiting.pop_front() {
+            // The slot passes to the next in line; `busy` stays.
+            Some(next) => {
+                drop(q);
+                if let Ok(mut go) = next.go.lock() {
+                    *go = true;
+                }
+                next.cv.notify_one();
+            }
+            None => q.busy -= 1,
         }
-        drop(q);
-        std::thread::sleep(self.delay);
-        if let Ok(mut q) = self.queue.lock() {
-            q.1 += 1;
+    }
+}
+
+/// The calling thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+}
+
+/// Spins until this thread has used `cost` more CPU time: real work (a
+/// hash chain the optimiser cannot drop), not a sleep, so it shows in the
+/// server's CPU accounting and competes for the CPU like a CGI script.
+fn burn_cpu(cost: Duration) {
+    let end = thread_cpu() + cost;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    loop {
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
         }
-        self.turn.notify_all();
+        std::hint::black_box(x);
+        if thread_cpu() >= end {
+            return;
+        }
     }
 }
 
@@ -130,13 +207,15 @@ fn main() {
             "--name" => name = args.next().unwrap_or_default(),
             "--tcp" => tcp.extend(args.next()),
             "--udp" => udp.extend(args.next()),
-            "--delay-ms" | "--workers" => {
+            "--delay-ms" | "--workers" | "--burn-us" => {
                 let Some(n) = args.next().and_then(|v| v.parse::<u64>().ok()) else {
                     eprintln!("testsrv: {a} needs a number");
                     std::process::exit(2);
                 };
                 if a == "--delay-ms" {
                     cap.delay = Duration::from_millis(n);
+                } else if a == "--burn-us" {
+                    cap.burn = Duration::from_micros(n);
                 } else {
                     cap.workers = n as usize;
                 }

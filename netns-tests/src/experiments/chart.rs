@@ -1,5 +1,6 @@
 //! Plots of `experiments`: bar panels (throughput, latency, shares per
-//! variant) and line charts (a figure per 100 ms for several variants).
+//! variant) and line charts (a figure per 100 ms, or per load step, for
+//! several variants).
 //! The drill's success/failure timeline is reused as it is
 //! ([`crate::drill::plot::svg_with_x`]).
 
@@ -110,10 +111,33 @@ pub struct Line {
 
 /// Writes a line chart of `lines` (x in seconds).
 pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &[Line]) -> Result<()> {
+    lines_with(path, title, x_desc, y_desc, lines, &LineStyle::default())
+}
+
+/// How [`lines_with`] draws.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LineStyle {
+    /// Top of the y axis (default: the largest value plus 15 %).
+    pub y_max: Option<f64>,
+    /// A dot at every point (few points: a figure per load step).
+    pub markers: bool,
+}
+
+/// Writes a line chart of `lines` (any x, from 0) in `style`.
+pub fn lines_with(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    lines: &[Line],
+    style: &LineStyle,
+) -> Result<()> {
     let e = err(path);
     let pts = || lines.iter().flat_map(|l| l.points.iter());
-    let x1 = pts().map(|p| p.0).fold(0.1, f64::max);
-    let ymax = pts().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.15;
+    let x1 = pts().map(|p| p.0).fold(0.1, f64::max) * if style.markers { 1.05 } else { 1.0 };
+    let ymax = style
+        .y_max
+        .unwrap_or_else(|| pts().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.15);
     let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let mut chart = ChartBuilder::on(&root)
@@ -136,6 +160,11 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &[Line
             .map_err(|x| e(&x))?
             .label(l.label.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2)));
+        if style.markers {
+            chart
+                .draw_series(l.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(|x| e(&x))?;
+        }
     }
     chart
         .configure_series_labels()

@@ -1,13 +1,19 @@
 //! `experiments`: the L7 seed's balancing experiments repeated at layer 4
-//! (issue 5), on the single-node topology ([`SingleNode`]): a client, the
-//! balancer, three real servers running `testsrv` whose capacity is
-//! emulated (`--delay-ms` service time, `--workers` concurrent requests).
+//! (issue 5) and the feedbackd paper's experiment (issue 6), on the
+//! single-node topology ([`SingleNode`]): a client, the balancer, three
+//! real servers (four when `feedback` runs) running `testsrv` whose
+//! capacity is emulated (`--delay-ms` service time, `--workers`
+//! concurrent requests, `--burn-us` CPU per request).
 //!
 //! 1. **scale**: 1 server vs 3 equal servers under rr.
 //! 2. **weighted**: rr vs wrr 1:2:3 on servers of capacities 1:2:3.
 //! 3. **least**: lc vs lrt (health-check RTT) on the same unequal servers.
 //! 4. **shed**: no shedding vs hard vs exponential while one server of
 //!    three is overloaded (open-loop load beyond its share).
+//! 5. **feedback** (the feedbackd paper's experiment, [`feedback`]): four
+//!    servers, one serving an expensive (CPU-burning) response; wrr with
+//!    equal weights vs weights from agents' CPU reports, under rising
+//!    open-loop load.
 //!
 //! Experiments 1-3 use a closed loop (`clients` threads, each sending one
 //! request per new connection, back to back, as the seed's clients did);
@@ -23,6 +29,7 @@
 //! over `reps` runs (BENCH.md: only ratios within one run mean anything).
 
 pub mod chart;
+pub mod feedback;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -56,10 +63,17 @@ pub enum Exp {
     Weighted,
     Least,
     Shed,
+    Feedback,
 }
 
 impl Exp {
-    pub const ALL: [Exp; 4] = [Exp::Scale, Exp::Weighted, Exp::Least, Exp::Shed];
+    pub const ALL: [Exp; 5] = [
+        Exp::Scale,
+        Exp::Weighted,
+        Exp::Least,
+        Exp::Shed,
+        Exp::Feedback,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +81,7 @@ impl Exp {
             Exp::Weighted => "weighted",
             Exp::Least => "least",
             Exp::Shed => "shed",
+            Exp::Feedback => "feedback",
         }
     }
 
@@ -74,7 +89,9 @@ impl Exp {
         Exp::ALL
             .into_iter()
             .find(|e| e.name() == s)
-            .with_context(|| format!("unknown experiment {s:?} (scale, weighted, least, shed)"))
+            .with_context(|| {
+                format!("unknown experiment {s:?} (scale, weighted, least, shed, feedback)")
+            })
     }
 }
 
@@ -146,6 +163,12 @@ pub struct Options {
     pub shed_rate: f64,
     pub shed_duration: Duration,
     pub shed_threshold: u32,
+    /// Feedback: offered loads (new connections/s), rs4's CPU per
+    /// request (µs), the load before and during the measured window.
+    pub fb_rates: Vec<f64>,
+    pub fb_burn_us: u64,
+    pub fb_warmup: Duration,
+    pub fb_duration: Duration,
     /// Deadline of one request (connect + request + response).
     pub timeout: Duration,
     pub out: PathBuf,
@@ -163,6 +186,10 @@ impl Options {
             shed_rate: 120.0,
             shed_duration: Duration::from_secs(10),
             shed_threshold: 30,
+            fb_rates: vec![100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 800.0],
+            fb_burn_us: 10_000,
+            fb_warmup: Duration::from_secs(3),
+            fb_duration: Duration::from_secs(10),
             timeout: Duration::from_secs(2),
             out,
             verbose: false,
@@ -175,6 +202,9 @@ impl Options {
             reps: 1,
             duration: Duration::from_millis(1500),
             shed_duration: Duration::from_secs(4),
+            fb_rates: vec![100.0, 500.0],
+            fb_warmup: Duration::from_secs(1),
+            fb_duration: Duration::from_secs(3),
             ..Options::full(out)
         }
     }
@@ -317,6 +347,10 @@ pub struct Report {
     pub series: Vec<Series>,
     pub plots: Vec<String>,
     pub table: String,
+    /// The feedback experiment's figures (its `variants` and `series`
+    /// are empty: it measures per load step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<feedback::FeedbackData>,
 }
 
 /// Runs the chosen experiments on one topology; returns their reports.
@@ -324,7 +358,18 @@ pub fn run(opts: &Options) -> Result<Vec<Report>> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let t = Instant::now();
-    let node = SingleNode::new("exp", &crate::single::Options::default())?;
+    let real_servers = if opts.exps.contains(&Exp::Feedback) {
+        feedback::SERVERS
+    } else {
+        3
+    };
+    let node = SingleNode::new(
+        "exp",
+        &crate::single::Options {
+            real_servers,
+            ..crate::single::Options::default()
+        },
+    )?;
     if opts.verbose {
         eprintln!(
             "experiments: topology in {:.1} s",
@@ -399,6 +444,8 @@ fn run_exp(node: &SingleNode, exp: Exp, opts: &Options) -> Result<Report> {
                 vec![Variant::new("none", &OVERLOAD, "rr"), hard, exp],
             )
         }
+        // Measured per load step, with its own report.
+        Exp::Feedback => return feedback::run(node, opts),
     };
     let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); variants.len()];
     let mut series: Vec<Option<Series>> = vec![None; variants.len()];
@@ -456,6 +503,7 @@ fn run_exp(node: &SingleNode, exp: Exp, opts: &Options) -> Result<Report> {
         series,
         plots,
         table,
+        feedback: None,
     })
 }
 
@@ -492,14 +540,7 @@ fn target() -> SocketAddrV4 {
 /// Waits until a request through the VIP is answered and, with health
 /// checks, until every backend is up with an RTT measured.
 fn ready(node: &SingleNode, v: &Variant) -> Result<()> {
-    let answered = node.client.in_ns(|| {
-        wait_until(Duration::from_secs(5), &mut || {
-            load::one_request(CLIENT, target(), Duration::from_secs(1)).is_ok()
-        })
-    })?;
-    if !answered {
-        bail!("no answer through the VIP within 5 s");
-    }
+    ready_answered(node)?;
     if v.health {
         let n = v.servers.len();
         let all_up = wait_until(Duration::from_secs(8), &mut || {
@@ -513,6 +554,19 @@ fn ready(node: &SingleNode, v: &Variant) -> Result<()> {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+/// Waits until a request through the VIP is answered.
+fn ready_answered(node: &SingleNode) -> Result<()> {
+    let answered = node.client.in_ns(|| {
+        wait_until(Duration::from_secs(5), &mut || {
+            load::one_request(CLIENT, target(), Duration::from_secs(1)).is_ok()
+        })
+    })?;
+    if !answered {
+        bail!("no answer through the VIP within 5 s");
+    }
     Ok(())
 }
 
