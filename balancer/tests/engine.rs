@@ -1754,4 +1754,3 @@ fn corpus_in_order_passes_the_property_checks() {
         .collect();
     run_ops(&ops).unwrap_or_else(|e| panic!("{e}"));
 }
-
