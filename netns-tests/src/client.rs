@@ -135,3 +135,47 @@ pub fn udp_request(
     let echoed = parts.next() == Some(payload);
     Ok((name, peer, echoed))
 }
+
+/// A keep-alive connection and the server its first request reached.
+pub type LongConn = (HttpConn, String);
+
+/// Opens `n` keep-alive connections to `addr` (call inside the client's
+/// namespace), one request each, noting which server each reached.
+pub fn open_long(addr: SocketAddr, n: usize, timeout: Duration) -> Result<Vec<LongConn>> {
+    (0..n)
+        .map(|_| {
+            let mut h = HttpConn::connect(addr, timeout)?;
+            let server = h.get(100, false)?.server;
+            Ok((h, server))
+        })
+        .collect()
+}
+
+/// Exercises long-lived connections: a request of `size` bytes on each,
+/// every `every`, for `length`. Returns the indices of those that broke or
+/// were answered by another server (each is tried no more after that).
+pub fn exercise(
+    conns: &mut [LongConn],
+    length: Duration,
+    every: Duration,
+    size: usize,
+) -> Vec<usize> {
+    let mut broken = Vec::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < length {
+        for (i, (h, server)) in conns.iter_mut().enumerate() {
+            if broken.contains(&i) {
+                continue;
+            }
+            match h.get(size, false) {
+                Ok(r) if r.server == *server && r.body_ok => {}
+                other => {
+                    eprintln!("connection {i} to {server}: {other:?}");
+                    broken.push(i);
+                }
+            }
+        }
+        std::thread::sleep(every);
+    }
+    broken
+}

@@ -22,6 +22,31 @@ use anyhow::{Result, bail};
 use crate::single::{CLIENT, RTR_BACK, RTR_FRONT, VIP, wait_listening};
 use crate::topo::{Host, Proc, Testbed, wait_until, workspace_bin};
 
+/// `web` TCP 80, wrr, NAT on 8080 to rs1 (node 1's sub-cluster) and rs2
+/// (node 2's).
+pub const NAT_SERVICES: &str = r#"
+[[service]]
+name = "web"
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+scheduler = "wrr"
+
+[[service.backend]]
+name = "rs1"
+address = "198.19.0.21"
+port = 8080
+forward = "nat"
+node = 1
+
+[[service.backend]]
+name = "rs2"
+address = "198.19.0.22"
+port = 8080
+forward = "nat"
+node = 2
+"#;
+
 pub const CLUSTER_MAC: &str = "01:00:5e:7f:00:64";
 /// Director mode: the VRRP virtual MAC of the front instance (VRID 51).
 pub const DIRECTOR_MAC: &str = "00:00:5e:00:01:33";
@@ -118,23 +143,9 @@ impl ClusterBed {
         self.tb.dir()
     }
 
-    /// Sets real server `i` up for direct routing: the VIP on `lo` (never
-    /// answered by ARP) and replies straight to the client through the
-    /// router, not through a balancer.
+    /// Sets real server `i` up for direct routing ([`crate::single::make_dr`]).
     pub fn make_dr(&self, i: usize) -> Result<()> {
-        let h = &self.rs[i];
-        h.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-        h.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-        h.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-        h.run(&[
-            "ip",
-            "route",
-            "replace",
-            "default",
-            "via",
-            &RTR_BACK.to_string(),
-        ])?;
-        Ok(())
+        crate::single::make_dr(&self.rs[i])
     }
 
     pub fn socket(&self, k: usize) -> PathBuf {

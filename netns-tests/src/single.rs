@@ -103,17 +103,7 @@ impl SingleNode {
             // Servers in tests must not reject a reused client port (BENCH.md: TIME_WAIT trap).
             h.sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
             if opts.dr.contains(&i) {
-                h.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-                h.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-                h.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-                h.run(&[
-                    "ip",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &RTR_BACK.to_string(),
-                ])?;
+                make_dr(&h)?;
             } else {
                 h.run(&["ip", "route", "add", "default", "via", &GATEWAY.to_string()])?;
             }
@@ -228,6 +218,24 @@ impl SingleNode {
     pub fn vip(port: u16) -> SocketAddr {
         SocketAddr::from((VIP, port))
     }
+}
+
+/// Sets a real server up for direct routing: the VIP on `lo` (never
+/// answered by ARP) and its default route through the router `rtr`, so
+/// replies reach the client without passing a balancer.
+pub fn make_dr(h: &Host) -> Result<()> {
+    h.run(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+    h.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+    h.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+    h.run(&[
+        "ip",
+        "route",
+        "replace",
+        "default",
+        "via",
+        &RTR_BACK.to_string(),
+    ])?;
+    Ok(())
 }
 
 /// Waits until something listens on TCP `port` in `host`.

@@ -4,34 +4,15 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use netns_tests::client::http_get;
+use netns_tests::client::{exercise, http_get, open_long};
 use netns_tests::cluster::ClusterBed;
 use netns_tests::single::SingleNode;
 
 const T: Duration = Duration::from_secs(5);
+/// A request on each long-lived connection this often.
+const EVERY: Duration = Duration::from_millis(100);
 
-const NAT: &str = r#"
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
-
-[[service.backend]]
-name = "rs1"
-address = "198.19.0.21"
-port = 8080
-forward = "nat"
-node = 1
-
-[[service.backend]]
-name = "rs2"
-address = "198.19.0.22"
-port = 8080
-forward = "nat"
-node = 2
-"#;
+const NAT: &str = netns_tests::cluster::NAT_SERVICES;
 
 fn conns_total(st: &serde_json::Value) -> u64 {
     st["services"][0]["conns_total"].as_u64().unwrap_or(0)
@@ -158,44 +139,6 @@ fn gap_ms(v: &[(u64, bool)]) -> u64 {
     worst
 }
 
-type LongConn = (netns_tests::client::HttpConn, String);
-
-/// Opens `n` keep-alive connections through the VIP (in the client's
-/// namespace) and notes which server each reached.
-fn open_long(n: usize) -> Result<Vec<LongConn>> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        let mut h = netns_tests::client::HttpConn::connect(SingleNode::vip(80), T)?;
-        let server = h.get(100, false)?.server;
-        v.push((h, server));
-    }
-    Ok(v)
-}
-
-/// Exercises long-lived connections (a request of `size` bytes each every
-/// 100 ms for `length`); returns the indices of those that broke or moved
-/// to another server.
-fn exercise(mut conns: Vec<LongConn>, length: Duration, size: usize) -> Vec<usize> {
-    let mut broken = Vec::new();
-    let t0 = std::time::Instant::now();
-    while t0.elapsed() < length {
-        for (i, (h, server)) in conns.iter_mut().enumerate() {
-            if broken.contains(&i) {
-                continue;
-            }
-            match h.get(size, false) {
-                Ok(r) if r.server == *server && r.body_ok => {}
-                other => {
-                    eprintln!("connection {i} to {server}: {other:?}");
-                    broken.push(i);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    broken
-}
-
 fn two_nodes(
     tag: &str,
 ) -> Result<(
@@ -264,7 +207,7 @@ fn sigterm_of_a_node_hands_over() -> Result<()> {
 fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
     let (c, _srv, nodes) = two_nodes("cl-sync")?;
     // Open connections until some are served by each node's sub-cluster.
-    let conns = c.client.in_ns(|| open_long(12))??;
+    let conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 12, T))??;
     let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
     ensure!(
         on_rs1 > 0 && on_rs1 < conns.len(),
@@ -278,9 +221,10 @@ fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )?;
-    let broken = c
-        .client
-        .in_ns(move || exercise(conns, Duration::from_secs(4), 2000))?;
+    let broken = c.client.in_ns(move || {
+        let mut conns = conns;
+        exercise(&mut conns, Duration::from_secs(4), EVERY, 2000)
+    })?;
     println!(
         "FIGURE cluster SIGKILL: {} of 12 long-lived NAT connections broken ({on_rs1} were on the killed node)",
         broken.len()
@@ -298,12 +242,13 @@ fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
 #[test]
 fn restarted_node_pulls_the_table_before_owning_buckets() -> Result<()> {
     let (c, _srv, mut nodes) = two_nodes("cl-restart")?;
-    let conns = c.client.in_ns(|| open_long(12))??;
+    let conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 12, T))??;
     std::thread::sleep(Duration::from_millis(200));
     nodes[0].kill();
-    let load = c
-        .client
-        .spawn_in_ns(move || exercise(conns, Duration::from_secs(7), 1000));
+    let load = c.client.spawn_in_ns(move || {
+        let mut conns = conns;
+        exercise(&mut conns, Duration::from_secs(7), EVERY, 1000)
+    });
     std::thread::sleep(Duration::from_secs(2));
     let cfg1 = c.dir().join("lb1.toml");
     nodes[0] = c.start_node(1, &cfg1)?;

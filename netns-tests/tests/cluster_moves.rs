@@ -7,8 +7,8 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use netns_tests::client::HttpConn;
-use netns_tests::cluster::ClusterBed;
+use netns_tests::client::{HttpConn, exercise, open_long};
+use netns_tests::cluster::{ClusterBed, NAT_SERVICES};
 use netns_tests::single::{CLIENT, SingleNode};
 use netns_tests::topo::wait_until;
 use nix::sys::signal::Signal;
@@ -179,15 +179,7 @@ fn long_lived_dr_connections_survive_sigkill_of_their_node() -> Result<()> {
         nodes.push(c.start_node(k, &cfg)?);
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let mut conns = c.client.in_ns(|| -> Result<Vec<(HttpConn, String)>> {
-        (0..12)
-            .map(|_| {
-                let mut h = HttpConn::connect(SingleNode::vip(80), T)?;
-                let s = h.get(100, false)?.server;
-                Ok((h, s))
-            })
-            .collect()
-    })??;
+    let mut conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 12, T))??;
     let lb1_status = c.status(1)?;
     let on_lb1 = lb1_status["services"][0]["conns_active"]
         .as_u64()
@@ -200,24 +192,12 @@ fn long_lived_dr_connections_survive_sigkill_of_their_node() -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     nodes[0].signal(Signal::SIGKILL)?;
     let broken = c.client.in_ns(move || {
-        let mut broken = Vec::new();
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < Duration::from_secs(4) {
-            for (i, (h, server)) in conns.iter_mut().enumerate() {
-                if broken.contains(&i) {
-                    continue;
-                }
-                match h.get(2000, false) {
-                    Ok(r) if r.server == *server && r.body_ok => {}
-                    other => {
-                        eprintln!("connection {i} to {server}: {other:?}");
-                        broken.push(i);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        broken
+        exercise(
+            &mut conns,
+            Duration::from_secs(4),
+            Duration::from_millis(100),
+            2000,
+        )
     })?;
     println!(
         "FIGURE cluster SIGKILL: {} of 12 long-lived DR connections broken ({on_lb1} were on the killed node)",
@@ -226,32 +206,6 @@ fn long_lived_dr_connections_survive_sigkill_of_their_node() -> Result<()> {
     ensure!(broken.is_empty(), "DR connections broken: {broken:?}");
     Ok(())
 }
-
-const NAT_SHORT_IDLE: &str = r#"
-[conntrack]
-tcp_established = "3s"
-
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
-
-[[service.backend]]
-name = "rs1"
-address = "198.19.0.21"
-port = 8080
-forward = "nat"
-node = 1
-
-[[service.backend]]
-name = "rs2"
-address = "198.19.0.22"
-port = 8080
-forward = "nat"
-node = 2
-"#;
 
 /// A busy connection that lives longer than the idle timeout keeps its
 /// copy on the peers fresh (the owner sends its entry again while traffic
@@ -263,51 +217,27 @@ fn busy_connections_older_than_the_idle_timeout_survive_sigkill() -> Result<()> 
     let _srv = c.start_servers(8080)?;
     let mut nodes = Vec::new();
     for k in 1..=2 {
-        let cfg = c.write_configs(k, NAT_SHORT_IDLE)?;
+        let cfg = c.write_configs(
+            k,
+            &format!("[conntrack]\ntcp_established = \"3s\"\n{NAT_SERVICES}"),
+        )?;
         nodes.push(c.start_node(k, &cfg)?);
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let exercise = |conns: &mut Vec<(HttpConn, String)>, length: Duration| {
-        let mut broken = Vec::new();
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < length {
-            for (i, (h, server)) in conns.iter_mut().enumerate() {
-                if broken.contains(&i) {
-                    continue;
-                }
-                match h.get(200, false) {
-                    Ok(r) if r.server == *server && r.body_ok => {}
-                    other => {
-                        eprintln!("connection {i} to {server}: {other:?}");
-                        broken.push(i);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        broken
-    };
-    let mut conns = c.client.in_ns(|| -> Result<Vec<(HttpConn, String)>> {
-        (0..8)
-            .map(|_| {
-                let mut h = HttpConn::connect(SingleNode::vip(80), T)?;
-                let s = h.get(100, false)?.server;
-                Ok((h, s))
-            })
-            .collect()
-    })??;
+    let every = Duration::from_millis(200);
+    let mut conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 8, T))??;
     let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
     ensure!(on_rs1 > 0, "no connection on lb1's sub-cluster");
     // Busy for longer than the established timeout.
     let (conns, early) = c.client.in_ns(move || {
-        let b = exercise(&mut conns, Duration::from_secs(5));
+        let b = exercise(&mut conns, Duration::from_secs(5), every, 200);
         (conns, b)
     })?;
     ensure!(early.is_empty(), "broken before any fault: {early:?}");
     nodes[0].signal(Signal::SIGKILL)?;
     let broken = c.client.in_ns(move || {
         let mut conns = conns;
-        exercise(&mut conns, Duration::from_secs(3))
+        exercise(&mut conns, Duration::from_secs(3), every, 200)
     })?;
     println!(
         "FIGURE cluster sync refresh: {} of 8 connections broken by SIGKILL after 5 s busy with a 3 s idle timeout ({on_rs1} on the killed node)",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use balancer::config::{Forward, Protocol};
 use balancer::feedback::necp::{self, Body, Message, Offer};
-use netns_tests::client::{HttpConn, http_get};
+use netns_tests::client::{exercise, http_get, open_long};
 use netns_tests::single::{GATEWAY, Options, SingleNode, rs_addr};
 use netns_tests::topo::{Host, Proc, wait_until, workspace_bin};
 use nix::sys::signal::Signal;
@@ -167,34 +167,6 @@ fn shares(t: &SingleNode, n: usize) -> Result<HashMap<String, usize>> {
     })?
 }
 
-type LongConn = (HttpConn, String);
-
-fn open_long(n: usize) -> Result<Vec<LongConn>> {
-    (0..n)
-        .map(|_| {
-            let mut h = HttpConn::connect(SingleNode::vip(80), T)?;
-            let server = h.get(100, false)?.server;
-            Ok((h, server))
-        })
-        .collect()
-}
-
-/// One request on each connection; the indices of those that failed or
-/// moved to another server.
-fn exercise(conns: &mut [LongConn]) -> Vec<usize> {
-    let mut broken = Vec::new();
-    for (i, (h, server)) in conns.iter_mut().enumerate() {
-        match h.get(1000, false) {
-            Ok(r) if r.server == *server && r.body_ok => {}
-            other => {
-                eprintln!("connection {i} to {server}: {other:?}");
-                broken.push(i);
-            }
-        }
-    }
-    broken
-}
-
 /// The whole session: an agent's START joins, its health steers the
 /// weight, SIGTERM says STOP and the server is drained (its connections
 /// finish, no new ones come), a new agent joins again, and after the
@@ -226,7 +198,7 @@ fn session_lifecycle_steers_weight_and_stop_drains_without_breaking() -> Result<
     );
 
     // Long-lived connections, some on rs1; then the agent stops.
-    let mut conns = t.client.in_ns(|| open_long(8))??;
+    let mut conns = t.client.in_ns(|| open_long(SingleNode::vip(80), 8, T))??;
     let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
     ensure!(on_rs1 > 0, "no connection landed on rs1");
     agent.signal(Signal::SIGTERM)?;
@@ -247,12 +219,12 @@ fn session_lifecycle_steers_weight_and_stop_drains_without_breaking() -> Result<
         "new flows went to drained rs1: {s:?}"
     );
     let broken = t.client.in_ns(move || {
-        let mut b = Vec::new();
-        for _ in 0..5 {
-            b.extend(exercise(&mut conns));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        b
+        exercise(
+            &mut conns,
+            Duration::from_millis(500),
+            Duration::from_millis(100),
+            1000,
+        )
     })?;
     println!(
         "FIGURE feedback STOP: {} of 8 long-lived connections broken ({on_rs1} were on rs1)",
