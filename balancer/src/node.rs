@@ -264,7 +264,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
     let peers = match &config.cluster {
         Some(c) => {
             let mut p = crate::peers::Peers::start(config, c, stats.clone())?;
-            engine = engine.with_cluster(p.shared.clone());
+            engine = engine.with_cluster(p.shared.clone(), p.applied.clone());
             if let Some((commands, ready)) = p.take_dataplane_ends() {
                 let front_addr = front_addr.ok_or_else(|| NodeError::Io {
                     what: format!("front NIC {}", node.front),
@@ -367,10 +367,12 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
             }
             if let Some(d) = &drainer {
-                // Hand the buckets over before going: peers take them when
-                // the weight-0 heartbeat arrives; meanwhile this node keeps
-                // reverse-NATing replies through its back gateway.
-                d.leave(Duration::from_millis(5)).await;
+                // Hand the buckets over before going: stop scheduling, then
+                // announce weight 0 (peers take the buckets when it
+                // arrives); meanwhile this node passes its former buckets'
+                // frames to the new owner and keeps reverse-NATing replies
+                // through its back gateway.
+                d.leave(Duration::from_millis(100)).await;
                 tokio::time::sleep(DRAIN).await;
                 tracing::info!("buckets handed over");
             }

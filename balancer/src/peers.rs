@@ -46,6 +46,8 @@ pub struct Peers {
     pub shared: SharedView,
     /// Wakes the dataplane on every published view.
     pub wake: Arc<crate::dataplane::view::Wake>,
+    /// The view version the dataplane works with (it writes, we read).
+    pub applied: crate::dataplane::view::AppliedVersion,
     stats: Arc<crate::stats::Stats>,
     me: u32,
     params: TableParams,
@@ -195,6 +197,7 @@ impl Peers {
             handle,
             stats,
             shared: Arc::new(ArcSwap::from_pointee(first)),
+            applied: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             wake: Arc::new(
                 crate::dataplane::view::Wake::new()
                     .map_err(|e| PeersError::Start(format!("eventfd: {e}")))?,
@@ -230,12 +233,14 @@ impl Peers {
         self.dataplane_ends.take()
     }
 
-    /// Leaves the cluster's ownership gracefully: announces weight 0 to the
-    /// peers at once (they take this node's buckets), then stops owning.
+    /// Leaves the cluster's ownership gracefully: stops owning, then
+    /// announces weight 0 to the peers (they take this node's buckets).
     pub fn drainer(&self) -> Drainer {
         Drainer {
             commander: self.handle.commander.clone(),
             tx: self.drain_tx.clone(),
+            shared: self.shared.clone(),
+            applied: self.applied.clone(),
         }
     }
 
@@ -383,16 +388,42 @@ impl Peers {
 pub struct Drainer {
     commander: heartbeat::driver::Commander,
     tx: watch::Sender<bool>,
+    shared: SharedView,
+    applied: crate::dataplane::view::AppliedVersion,
 }
 
 impl Drainer {
-    /// Announces weight 0 now; after `hold` stops owning buckets. Peers take
-    /// the buckets when the announcement arrives (a LAN round trip), so a
-    /// short hold keeps them from being unowned meanwhile.
-    pub async fn leave(&self, hold: std::time::Duration) {
+    /// Stops owning buckets, waits until the dataplane works with that view
+    /// (at most `bound`), then announces weight 0: the peers take the
+    /// buckets when the announcement arrives.
+    ///
+    /// The order is what keeps every flow with one scheduler. Were the
+    /// announcement first, a peer would own the buckets from its arrival (a
+    /// LAN round trip) while this node still did: a SYN in between would
+    /// be scheduled by both, to real servers of different sub-clusters,
+    /// and the client's ACK of one server's SYN-ACK could reach the other,
+    /// which answers with a reset the client accepts (RFC 9293 §3.10.7.3:
+    /// an unacceptable ACK in SYN-RECEIVED gets `<SEQ=SEG.ACK><CTL=RST>`).
+    /// In this order the frames of the buckets in between reach only this
+    /// node, which passes them to their new owner (see the engine).
+    pub async fn leave(&self, bound: std::time::Duration) {
+        let _ = self.tx.send(true);
+        let t = tokio::time::Instant::now();
+        loop {
+            let v = self.shared.load();
+            if v.leaving && self.applied.load(std::sync::atomic::Ordering::Acquire) >= v.version {
+                break;
+            }
+            if t.elapsed() >= bound {
+                tracing::warn!(
+                    waited_ms = t.elapsed().as_millis() as u64,
+                    "leaving: the dataplane has not taken up the leaving view; announcing anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         self.commander
             .send(heartbeat::driver::Command::SetWeight(0));
-        tokio::time::sleep(hold).await;
-        let _ = self.tx.send(true);
     }
 }

@@ -139,6 +139,11 @@ pub fn udp_request(
 /// A keep-alive connection and the server its first request reached.
 pub type LongConn = (HttpConn, String);
 
+/// A request on a long-lived connection that takes longer than this counts
+/// as a broken connection (the drill's default deadline): a user's
+/// application would have given up.
+pub const LONG_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Opens `n` keep-alive connections to `addr` (call inside the client's
 /// namespace), one request each, noting which server each reached.
 pub fn open_long(addr: SocketAddr, n: usize, timeout: Duration) -> Result<Vec<LongConn>> {
@@ -152,8 +157,9 @@ pub fn open_long(addr: SocketAddr, n: usize, timeout: Duration) -> Result<Vec<Lo
 }
 
 /// Exercises long-lived connections: a request of `size` bytes on each,
-/// every `every`, for `length`. Returns the indices of those that broke or
-/// were answered by another server (each is tried no more after that).
+/// every `every`, for `length`. Returns the indices of those that broke,
+/// were answered by another server or took longer than [`LONG_DEADLINE`]
+/// to answer (each is tried no more after that).
 pub fn exercise(
     conns: &mut [LongConn],
     length: Duration,
@@ -167,8 +173,9 @@ pub fn exercise(
             if broken.contains(&i) {
                 continue;
             }
+            let t = std::time::Instant::now();
             match h.get(size, false) {
-                Ok(r) if r.server == *server && r.body_ok => {}
+                Ok(r) if r.server == *server && r.body_ok && t.elapsed() <= LONG_DEADLINE => {}
                 other => {
                     eprintln!("connection {i} to {server}: {other:?}");
                     broken.push(i);

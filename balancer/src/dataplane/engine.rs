@@ -111,10 +111,6 @@ struct ServiceRt {
     views: Vec<BackendState>,
 }
 
-/// How long a leaving node passes its former buckets' frames to their new
-/// owners (a LAN round trip and a poll round are enough; this is margin).
-const LEAVE_PASS_MS: u64 = 100;
-
 /// Gratuitous ARPs sent for each VIP at start, one a second.
 const GARP_COUNT: u32 = 3;
 /// Longest time between two sends of a busy connection's entry.
@@ -161,8 +157,8 @@ pub struct Engine {
     /// (refreshed once per poll round by [`Engine::refresh`]).
     shared: Option<SharedView>,
     view: Option<Arc<ClusterView>>,
-    /// When this node started leaving (its view says so), for the pass window.
-    leaving_since: Option<u64>,
+    /// Where the dataplane says which view version it works with.
+    applied: Option<crate::dataplane::view::AppliedVersion>,
     /// Source-address affinity of every service with persistence.
     persist: PersistTable,
     /// Draws of p2c and exponential shedding (seeded by the driver).
@@ -323,7 +319,7 @@ impl Engine {
             hold: HoldQueue::new(),
             sync_refresh_ms: sync_refresh_ms(c),
             view: None,
-            leaving_since: None,
+            applied: None,
             persist: PersistTable::new(persist_slots, hasher),
             rng: rng_from_seed(0),
             next_persist_publish_ms: 0,
@@ -356,9 +352,15 @@ impl Engine {
 
     /// Cluster mode: follow the view the control plane publishes. Flows of
     /// buckets other nodes own are dropped (`not_our_bucket`); ARP for the
-    /// VIPs is answered only while this node is the MAC holder.
-    pub fn with_cluster(mut self, shared: SharedView) -> Engine {
+    /// VIPs is answered only while this node is the MAC holder. The engine
+    /// stores the version of every view it picks up in `applied`.
+    pub fn with_cluster(
+        mut self,
+        shared: SharedView,
+        applied: crate::dataplane::view::AppliedVersion,
+    ) -> Engine {
         self.shared = Some(shared);
+        self.applied = Some(applied);
         self.refresh();
         self
     }
@@ -422,7 +424,11 @@ impl Engine {
                 v.available = b.sub_ok && b.health_up;
             }
         }
+        let version = view.version;
         self.view = Some(view);
+        if let Some(a) = &self.applied {
+            a.store(version, std::sync::atomic::Ordering::Release);
+        }
     }
 
     pub fn connections(&self) -> &ConnTable {
@@ -460,15 +466,15 @@ impl Engine {
         if v.owns(hash) {
             return true;
         }
-        // Leaving (SIGTERM): for a moment the peers may not have taken this
-        // node's buckets yet; pass their frames to the new owner rather than
-        // drop them (the owner may also get the multicast copy: a duplicate,
-        // which TCP ignores).
-        let leaving_pass = v.leaving && {
-            let since = *self.leaving_since.get_or_insert(now_ms);
-            now_ms.saturating_sub(since) < LEAVE_PASS_MS
-        };
-        if !(v.director && v.mac_holder || leaving_pass) {
+        // Leaving (SIGTERM): this node stopped scheduling before it told the
+        // peers (one scheduler per flow at every moment), so until their
+        // takeover only this node sees its former buckets' frames. Pass
+        // them to the new owner, which serves what a peer passes it
+        // whatever its own table says, until this node stops: the peers'
+        // takeover cannot be seen from here. Once the owner has taken over
+        // it also gets the multicast copy: a duplicate, which TCP ignores
+        // and which finds the same connection entry on the same node.
+        if !(v.director && v.mac_holder || v.leaving) {
             self.drop(DropReason::NotOurBucket);
             return false;
         }

@@ -22,7 +22,7 @@ pub struct ClusterView {
     /// Live members (including this node when it is up).
     pub live: Vec<u32>,
     /// This node is leaving (SIGTERM): it owns no bucket and passes frames
-    /// of its former buckets to their new owners for a moment.
+    /// of its former buckets to their new owners until it stops.
     pub leaving: bool,
     /// Director mode: the MAC holder receives every VIP frame on a unicast
     /// MAC and passes other nodes' flows to them on the front segment.
@@ -69,6 +69,12 @@ impl ClusterView {
 
 /// The shared cell the control plane writes and the dataplane reads.
 pub type SharedView = Arc<ArcSwap<ClusterView>>;
+
+/// The version of the view the dataplane works with (it stores it when it
+/// picks a view up), so that the control plane knows when a change is in
+/// effect: a leaving node announces its leave only once its dataplane has
+/// stopped scheduling (see [`crate::peers::Drainer::leave`]).
+pub type AppliedVersion = Arc<std::sync::atomic::AtomicU64>;
 
 /// Wakes the dataplane when a new view is published, so that a node taking
 /// over buckets (a peer leaving) starts serving them at once rather than at

@@ -58,6 +58,9 @@ use netns_tests::drill::{self, Drill, INTERRUPTED, Options, PeerKind, report};
 ///
 /// Output: a table on stdout, an SVG per drill (successes and failures per
 /// 100 ms) and every node's logs under --out, the figures as JSON (--json).
+/// With DRILL_PCAP=1 in the environment, each drill also captures both
+/// segments at the switch during the load (logs/<drill>/front.pcap and
+/// back.pcap, headers only).
 #[derive(Parser, Debug)]
 #[command(name = "drill", verbatim_doc_comment)]
 struct Args {

@@ -298,6 +298,12 @@ fn drive(
         long_every: opts.long_every,
         long_timeout: opts.long_timeout,
     };
+    // DRILL_PCAP: capture both segments at the switch for the post-mortem.
+    let captures = if std::env::var_os("DRILL_PCAP").is_some() {
+        capture(c)?
+    } else {
+        Vec::new()
+    };
     let t0 = Instant::now() + Duration::from_millis(50);
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -364,6 +370,7 @@ fn drive(
         Err(_) => bail!("load generator panicked"),
     };
     stop.store(true, Ordering::Relaxed);
+    drop(captures);
     let holders_after = peer.holders(c);
     peer.snapshot(c, "after");
     if drill == Drill::CutHolder {
@@ -432,6 +439,29 @@ fn drive(
         load_s: tl.load.as_secs_f64(),
         fault_after_s: fault_at.as_secs_f64(),
     })
+}
+
+/// tcpdump on the front and back bridges (in the switch namespace, where
+/// every frame of a segment passes), headers only, written packet by packet
+/// to `front.pcap` and `back.pcap` next to the daemons' logs.
+fn capture(c: &Cluster) -> Result<Vec<crate::topo::Proc>> {
+    let mut v = Vec::new();
+    for seg in ["front", "back"] {
+        let file = c.tb().dir().join(format!("{seg}.pcap"));
+        v.push(c.tb().switch().spawn(&[
+            "tcpdump",
+            "-i",
+            &format!("br-{seg}"),
+            "-U",
+            "-s",
+            "128",
+            "-w",
+            &file.to_string_lossy(),
+        ])?);
+    }
+    // tcpdump needs a moment to open the interface.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(v)
 }
 
 fn holder_note(n: usize, holder: usize) -> &'static str {
