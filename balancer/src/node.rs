@@ -156,6 +156,9 @@ fn dataplane_loop(dp: Dataplane, stop: Arc<AtomicBool>) {
     }
     while !stop.load(Ordering::Relaxed) {
         let now_ms = t0.elapsed().as_millis() as u64;
+        // In this order: a new view, then sync (what peers sent before the
+        // view changed is applied, and the view is acknowledged once what
+        // this node scheduled is sent), then frames.
         engine.refresh();
         engine.poll_sync(now_ms);
         let mut sinks = Sinks {
@@ -372,7 +375,7 @@ fn run_applied(config: &Config, tun: Option<Tun>) -> Result<(), NodeError> {
                 // arrives); meanwhile this node passes its former buckets'
                 // frames to the new owner and keeps reverse-NATing replies
                 // through its back gateway.
-                d.leave(Duration::from_millis(100)).await;
+                d.leave(Duration::from_secs(1)).await;
                 tokio::time::sleep(DRAIN).await;
                 tracing::info!("buckets handed over");
             }

@@ -157,8 +157,10 @@ pub struct Engine {
     /// (refreshed once per poll round by [`Engine::refresh`]).
     shared: Option<SharedView>,
     view: Option<Arc<ClusterView>>,
-    /// Where the dataplane says which view version it works with.
+    /// Where the dataplane says which view version it works with, and the
+    /// version picked up but not yet said (see [`Engine::poll_sync`]).
     applied: Option<crate::dataplane::view::AppliedVersion>,
+    unsaid: Option<u64>,
     /// Source-address affinity of every service with persistence.
     persist: PersistTable,
     /// Draws of p2c and exponential shedding (seeded by the driver).
@@ -320,6 +322,7 @@ impl Engine {
             sync_refresh_ms: sync_refresh_ms(c),
             view: None,
             applied: None,
+            unsaid: None,
             persist: PersistTable::new(persist_slots, hasher),
             rng: rng_from_seed(0),
             next_persist_publish_ms: 0,
@@ -353,7 +356,7 @@ impl Engine {
     /// Cluster mode: follow the view the control plane publishes. Flows of
     /// buckets other nodes own are dropped (`not_our_bucket`); ARP for the
     /// VIPs is answered only while this node is the MAC holder. The engine
-    /// stores the version of every view it picks up in `applied`.
+    /// stores the version of every view it works with in `applied`.
     pub fn with_cluster(
         mut self,
         shared: SharedView,
@@ -424,11 +427,8 @@ impl Engine {
                 v.available = b.sub_ok && b.health_up;
             }
         }
-        let version = view.version;
+        self.unsaid = Some(view.version);
         self.view = Some(view);
-        if let Some(a) = &self.applied {
-            a.store(version, std::sync::atomic::Ordering::Release);
-        }
     }
 
     pub fn connections(&self) -> &ConnTable {
@@ -1172,9 +1172,24 @@ impl Engine {
     /// for the VIPs at start. Call every few tens of milliseconds.
     /// Cluster mode: sends due sync batches and applies the peers'. Call
     /// every poll round (sync latency is what a takeover can lose).
+    ///
+    /// Then says which view this thread works with (see
+    /// [`Engine::with_cluster`]), once the connections it scheduled under
+    /// the previous one are sent: a leaving node announces its leave when
+    /// its dataplane has said so, and a peer taking over its buckets must
+    /// know every flow it scheduled before the first frame the peer serves.
+    /// (The driver calls [`Engine::refresh`], then this, then reads frames.)
     pub fn poll_sync(&mut self, now_ms: u64) {
         if let Some(s) = &mut self.sync {
             s.poll(&mut self.conns, now_ms);
+        }
+        if let Some(version) = self.unsaid.take() {
+            if let Some(s) = &mut self.sync {
+                s.flush(now_ms);
+            }
+            if let Some(a) = &self.applied {
+                a.store(version, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 
