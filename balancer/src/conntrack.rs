@@ -463,6 +463,9 @@ pub struct NewConn {
     /// Source MAC of the client's frame: the next hop toward the client, for
     /// sending NAT replies back.
     pub client_mac: [u8; 6],
+    /// The client's initial sequence number, when the flow was scheduled on
+    /// its SYN (see [`Entry::reused_by`]).
+    pub isn: Option<u32>,
 }
 
 /// One connection. Handed out by reference only: the table owns the state.
@@ -480,11 +483,23 @@ pub struct Entry {
     /// Time of the last packet (or of insertion), in the caller's clock.
     pub last_seen_ms: u64,
     /// When this node last sent the entry to its peers (connection sync),
-    /// or was inserted; see [`ConnTable::mark_synced`].
-    pub synced_ms: u64,
+    /// or was inserted, as the low 32 bits of the caller's clock (see
+    /// [`Entry::since_synced_ms`]; [`ConnTable::mark_synced`]).
+    pub synced_ms: u32,
+    /// The client's initial sequence number if this node scheduled the flow
+    /// on its SYN, else 0 (an ISN of 0 is taken as unknown: such a
+    /// connection's copies count as port reuse, as they did before).
+    /// Plain `u32` rather than `Option`: the entry stays 48 bytes.
+    pub isn: u32,
 }
 
 impl Entry {
+    /// Milliseconds since the entry was last sent to the peers (exact for
+    /// intervals under 49 days: the stamp wraps).
+    pub const fn since_synced_ms(&self, now_ms: u64) -> u32 {
+        (now_ms as u32).wrapping_sub(self.synced_ms)
+    }
+
     /// The key replies arrive with, backend:port -> client:cport, for NAT
     /// entries; `None` for DR and local, whose replies bypass us.
     pub const fn reply_key(&self) -> Option<FlowKey> {
@@ -553,6 +568,13 @@ pub enum ClientLookup {
     /// ([`Entry::reused_by`]): [`ConnTable::remove`] this entry (settling
     /// its counters), then schedule the packet as a new flow.
     Reused(ConnId),
+    /// A SYN on a finished connection with the sequence number of the SYN
+    /// that opened it: a copy of that SYN, not a new connection (a late
+    /// duplicate, or the copy a leaving peer passes on after this node, the
+    /// new owner, got the multicast one and the whole connection ran).
+    /// Drop it: scheduled afresh it would reach another real server, whose
+    /// SYN-ACK the client answers with a reset.
+    StaleSyn(ConnId),
 }
 
 /// End of a list.
@@ -698,15 +720,21 @@ impl ConnTable {
         self.reply.get(key).map(|&i| self.id_of(i))
     }
 
-    /// Looks up a client packet and tells whether it reuses the port of a
-    /// finished connection. Changes nothing.
-    pub fn lookup_client(&self, key: &FlowKey, flags: TcpFlags) -> ClientLookup {
+    /// Looks up a client packet (its TCP flags and sequence number) and tells
+    /// whether it reuses the port of a finished connection. Changes nothing.
+    pub fn lookup_client(&self, key: &FlowKey, flags: TcpFlags, seq: u32) -> ClientLookup {
         let Some(&index) = self.forward.get(key) else {
             return ClientLookup::New;
         };
         let id = self.id_of(index);
         match self.entry_at(index) {
-            Some(e) if e.reused_by(flags) => ClientLookup::Reused(id),
+            Some(e) if e.reused_by(flags) => {
+                if e.isn != 0 && e.isn == seq {
+                    ClientLookup::StaleSyn(id)
+                } else {
+                    ClientLookup::Reused(id)
+                }
+            }
             Some(_) => ClientLookup::Existing(id),
             // Unreachable while the maps and slab agree; treat as a miss.
             None => ClientLookup::New,
@@ -719,7 +747,7 @@ impl ConnTable {
             && slot.generation == id.generation
             && let Some(e) = slot.entry.as_mut()
         {
-            e.synced_ms = now_ms;
+            e.synced_ms = now_ms as u32;
         }
     }
 
@@ -790,7 +818,8 @@ impl ConnTable {
             state,
             client_mac: conn.client_mac,
             last_seen_ms: now,
-            synced_ms: now,
+            synced_ms: now as u32,
+            isn: conn.isn.unwrap_or(0),
         };
         if self.forward.contains_key(&entry.key) {
             return Err(ConntrackError::Exists);

@@ -68,11 +68,14 @@ pub enum DropReason {
     /// The kernel found the receive ring full (the dataplane fell behind);
     /// read from PACKET_STATISTICS.
     RxRingFull,
+    /// A copy of the SYN that opened a finished connection
+    /// ([`crate::conntrack::ClientLookup::StaleSyn`]).
+    StaleSyn,
 }
 
 impl DropReason {
     /// Every reason, in display order; `ALL[r.index()] == r`.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::Runt,
         DropReason::Truncated,
         DropReason::NotIpv4,
@@ -95,6 +98,7 @@ impl DropReason {
         DropReason::Shed,
         DropReason::ConnLimit,
         DropReason::RxRingFull,
+        DropReason::StaleSyn,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -122,6 +126,7 @@ impl DropReason {
             DropReason::Shed => "shed",
             DropReason::ConnLimit => "conn_limit",
             DropReason::RxRingFull => "rx_ring_full",
+            DropReason::StaleSyn => "stale_syn",
         }
     }
 

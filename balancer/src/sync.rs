@@ -151,6 +151,9 @@ impl SyncConn {
                 backend_port: e.backend_port,
                 method: e.method,
                 client_mac: e.client_mac,
+                // Not on the wire: on a peer's copy any SYN after the end of
+                // the connection is a reuse, as in IPVS.
+                isn: None,
             },
             state: e.state,
             age_ms: u32::try_from(now_ms.saturating_sub(e.last_seen_ms)).unwrap_or(u32::MAX),
@@ -440,6 +443,7 @@ fn read_conn(r: &mut Reader<'_>) -> Result<SyncConn, SyncRefusal> {
             backend_port,
             method,
             client_mac,
+            isn: None,
         },
         state,
         age_ms,

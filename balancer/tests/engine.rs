@@ -531,6 +531,54 @@ fn cases() -> Vec<Case> {
         "data_segment_of_a_known_flow_follows_its_backend",
         vec![open_nat(), front(sent, Expect::Back(received))],
     ));
+    // A whole NAT connection to TIME_WAIT, then a copy of its SYN (same
+    // initial sequence number: a late duplicate, or the copy a leaving peer
+    // passes on), then a new connection on the same port (a new ISN).
+    let fin_ack = TcpFlags::FIN.union(TcpFlags::ACK);
+    let client_seg = |flags: TcpFlags, seq: u32, ack: u32, rs: Ipv4Addr, rs_mac: MacAddr| {
+        let b = |dst: SocketAddrV4, macs: (MacAddr, MacAddr)| {
+            FrameBuilder::tcp(sa(CLIENT, CPORT), dst)
+                .flags(flags)
+                .seq_ack(seq, ack)
+                .macs(macs.0, macs.1)
+                .build()
+        };
+        front(
+            b(sa(VIP, 80), (CLIENT_MAC, FRONT_MAC)),
+            Expect::Back(b(sa(rs, 8080), (BACK_MAC, rs_mac))),
+        )
+    };
+    let rs1_seg = |flags: TcpFlags, seq: u32, ack: u32| {
+        let b = |src: SocketAddrV4, macs: (MacAddr, MacAddr)| {
+            FrameBuilder::tcp(src, sa(CLIENT, CPORT))
+                .flags(flags)
+                .seq_ack(seq, ack)
+                .macs(macs.0, macs.1)
+                .build()
+        };
+        back(
+            b(sa(RS1, 8080), (RS1_MAC, BACK_MAC)),
+            Expect::Front(b(sa(VIP, 80), (FRONT_MAC, CLIENT_MAC))),
+        )
+    };
+    v.push(case(
+        "copy_of_the_opening_syn_after_the_close_is_dropped_a_new_syn_is_rescheduled",
+        vec![
+            open_nat(),
+            rs1_seg(syn_ack(), 5000, 1001),
+            client_seg(TcpFlags::ACK, 1001, 5001, RS1, RS1_MAC),
+            rs1_seg(fin_ack, 5001, 1001),
+            client_seg(fin_ack, 1001, 5002, RS1, RS1_MAC),
+            // TIME_WAIT now. The copy has no connection left to open...
+            front(
+                from_client(80, syn()).build(),
+                Expect::Drop(DropReason::StaleSyn),
+            ),
+            // ...a new connection on the port is scheduled afresh (round
+            // robin: rs2).
+            client_seg(syn(), 90_000, 0, RS2, RS2_MAC),
+        ],
+    ));
     let mut partial = from_client(80, syn()).partial_checksum().build();
     let mut pm = meta(&partial);
     pm.csum_not_ready = true;

@@ -60,6 +60,8 @@ pub enum L4 {
         src_port: u16,
         dst_port: u16,
         flags: TcpFlags,
+        /// The sequence number (a SYN's is the connection's initial one).
+        seq: u32,
     },
     Udp {
         src_port: u16,
@@ -293,6 +295,7 @@ fn parse_ipv4(b: &[u8]) -> Result<Kind, ParseError> {
                     src_port: t.src_port(),
                     dst_port: t.dst_port(),
                     flags: t.flags(),
+                    seq: t.seq_number(),
                 }
             }
             proto::UDP => {
@@ -445,7 +448,8 @@ mod capture_tests {
             L4::Tcp {
                 src_port: 38922,
                 dst_port: 80,
-                flags: TcpFlags::SYN
+                flags: TcpFlags::SYN,
+                seq: 3_360_807_021 // tcpdump: seq 3360807021
             }
         );
         assert_eq!(

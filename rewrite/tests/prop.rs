@@ -299,7 +299,8 @@ proptest! {
         prop_assert_eq!(has_options, !h.options().is_empty());
         prop_assert_eq!(p.l3_offset + hl + ip.payload().payload.len(), p.l3_offset + tl);
         match (l4, &e.transport) {
-            (L4::Tcp { src_port, dst_port, flags }, Some(TransportSlice::Tcp(t))) => {
+            (L4::Tcp { src_port, dst_port, flags, seq }, Some(TransportSlice::Tcp(t))) => {
+                prop_assert_eq!(seq, t.sequence_number());
                 prop_assert_eq!(src_port, t.source_port());
                 prop_assert_eq!(dst_port, t.destination_port());
                 prop_assert_eq!(flags.syn(), t.syn());

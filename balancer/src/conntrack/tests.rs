@@ -31,8 +31,13 @@ fn nat(key: FlowKey) -> NewConn {
         backend_port: 8080,
         method: Method::Nat,
         client_mac: MAC,
+        isn: None,
     }
 }
+
+/// The sequence number of the client segments looked up (not the ISN of
+/// any entry, unless a test says so).
+const SEQ: u32 = 7_000;
 
 fn dr(key: FlowKey) -> NewConn {
     NewConn {
@@ -342,12 +347,12 @@ fn syn_on_time_wait_is_a_reuse_and_reschedules() {
     let k = tcp_key(1, 40000);
     let id = reach(&mut t, nat(k), &[(B, SA), (C, A), (B, FA), (C, FA)]);
     assert_eq!(state(&t, id), TW);
-    assert_eq!(t.lookup_client(&k, S), ClientLookup::Reused(id));
+    assert_eq!(t.lookup_client(&k, S, SEQ), ClientLookup::Reused(id));
     // Anything but a bare SYN belongs to the old connection.
-    assert_eq!(t.lookup_client(&k, A), ClientLookup::Existing(id));
-    assert_eq!(t.lookup_client(&k, SA), ClientLookup::Existing(id));
+    assert_eq!(t.lookup_client(&k, A, SEQ), ClientLookup::Existing(id));
+    assert_eq!(t.lookup_client(&k, SA, SEQ), ClientLookup::Existing(id));
     assert_eq!(
-        t.lookup_client(&k, TcpFlags(0x06)),
+        t.lookup_client(&k, TcpFlags(0x06), SEQ),
         ClientLookup::Existing(id)
     );
 
@@ -364,11 +369,42 @@ fn syn_on_time_wait_is_a_reuse_and_reschedules() {
             500,
         )
         .expect("insert");
-    assert_eq!(t.lookup_client(&k, S), ClientLookup::Existing(new));
+    assert_eq!(t.lookup_client(&k, S, SEQ), ClientLookup::Existing(new));
     assert_eq!(t.get(new).expect("e").backend, 2);
     assert_eq!(state(&t, new), SR);
     assert_eq!(t.get(id), None);
     assert_eq!(t.len(), 1);
+}
+
+/// A SYN that is a copy of the one that opened a finished connection (a
+/// late duplicate, or the copy a leaving peer passes on) is not a new
+/// connection: it is stale. A SYN with a new initial sequence number is a
+/// reuse as before; on a live connection a copy is just part of it.
+#[test]
+fn copy_of_the_opening_syn_on_time_wait_is_stale() {
+    use Dir::{FromBackend as B, FromClient as C};
+    let mut t = table(8);
+    let k = tcp_key(1, 40000);
+    let opened = NewConn {
+        isn: Some(1_000),
+        ..nat(k)
+    };
+    let id = reach(&mut t, opened, &[(B, SA), (C, A), (B, FA), (C, FA)]);
+    assert_eq!(state(&t, id), TW);
+    assert_eq!(t.get(id).expect("e").isn, 1_000);
+    assert_eq!(t.lookup_client(&k, S, 1_000), ClientLookup::StaleSyn(id));
+    assert_eq!(t.lookup_client(&k, A, 1_000), ClientLookup::Existing(id));
+    assert_eq!(t.lookup_client(&k, S, 1_001), ClientLookup::Reused(id));
+    assert_eq!(t.lookup_client(&k, S, SEQ), ClientLookup::Reused(id));
+
+    let k = tcp_key(2, 40000);
+    let opened = NewConn {
+        isn: Some(1_000),
+        ..nat(k)
+    };
+    let id = reach(&mut t, opened, &[(B, SA), (C, A)]);
+    assert_eq!(state(&t, id), ES);
+    assert_eq!(t.lookup_client(&k, S, 1_000), ClientLookup::Existing(id));
 }
 
 #[test]
@@ -377,7 +413,7 @@ fn syn_on_close_is_a_reuse() {
     let k = tcp_key(1, 40000);
     let id = reach(&mut t, nat(k), &[(Dir::FromClient, R)]);
     assert_eq!(state(&t, id), CL);
-    assert_eq!(t.lookup_client(&k, S), ClientLookup::Reused(id));
+    assert_eq!(t.lookup_client(&k, S, SEQ), ClientLookup::Reused(id));
 }
 
 #[test]
@@ -396,13 +432,13 @@ fn syn_on_live_states_is_not_a_reuse() {
         let id = reach(&mut t, nat(k), p);
         assert!(matches!(state(&t, id), SR | ES | CW | FW | LA));
         assert_eq!(
-            t.lookup_client(&k, S),
+            t.lookup_client(&k, S, SEQ),
             ClientLookup::Existing(id),
             "{}",
             state(&t, id)
         );
     }
-    assert_eq!(t.lookup_client(&tcp_key(9, 9), S), ClientLookup::New);
+    assert_eq!(t.lookup_client(&tcp_key(9, 9), S, SEQ), ClientLookup::New);
 }
 
 #[test]
@@ -419,8 +455,8 @@ fn syn_on_input_only_fin_wait_is_a_reuse() {
         ],
     );
     assert_eq!(state(&t, id), FW);
-    assert_eq!(t.lookup_client(&k, S), ClientLookup::Reused(id));
-    assert_eq!(t.lookup_client(&k, A), ClientLookup::Existing(id));
+    assert_eq!(t.lookup_client(&k, S, SEQ), ClientLookup::Reused(id));
+    assert_eq!(t.lookup_client(&k, A, SEQ), ClientLookup::Existing(id));
 }
 
 #[test]
@@ -428,7 +464,7 @@ fn udp_is_never_a_reuse() {
     let mut t = table(8);
     let k = FlowKey::new(proto::UDP, client(1), 5000, VIP, 53);
     let id = t.insert(nat(k), TcpFlags::NONE, 0).expect("insert");
-    assert_eq!(t.lookup_client(&k, S), ClientLookup::Existing(id));
+    assert_eq!(t.lookup_client(&k, S, SEQ), ClientLookup::Existing(id));
 }
 
 // ---- lookups, NAT replies, removal ----
@@ -758,7 +794,7 @@ fn clock_going_back_is_clamped() {
 
 #[test]
 fn entry_and_slot_stay_small() {
-    // 40 and 56 bytes today (x86_64). A slot is what each of max_entries costs
+    // 48 and 56 bytes today (x86_64). A slot is what each of max_entries costs
     // in the slab, plus about 4 x 21 bytes of map buckets (see ConnTable::new).
     assert!(
         size_of::<Entry>() <= 48,
@@ -1006,7 +1042,7 @@ proptest! {
                     let k = model_key(key);
                     let method = [Method::Nat, Method::Dr, Method::Local][method];
                     let backend_addr = if method == Method::Nat { [RS1, client(7)][backend] } else { VIP };
-                    let conn = NewConn { key: k, service: 0, backend: backend as u16, backend_addr, backend_port: 8080, method, client_mac: MAC };
+                    let conn = NewConn { key: k, service: 0, backend: backend as u16, backend_addr, backend_port: 8080, method, client_mac: MAC, isn: None };
                     let state = if k.proto != proto::TCP {
                         ConnState::Udp
                     } else {

@@ -45,7 +45,8 @@ use rewrite::packet::{self, Kind, L4, ParseError, Parsed};
 
 use crate::config::{Config, Forward};
 use crate::conntrack::{
-    ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, Timeouts,
+    ClientLookup, ConnTable, ConntrackError, Dir, Entry, Method, NewConn, TcpFlags, TcpInput,
+    Timeouts,
 };
 use crate::dataplane::hold::{HoldQueue, Segment};
 use crate::dataplane::neigh::Neighbors;
@@ -391,7 +392,7 @@ impl Engine {
             && self
                 .conns
                 .get(id)
-                .is_some_and(|e| now_ms.saturating_sub(e.synced_ms) >= self.sync_refresh_ms)
+                .is_some_and(|e| u64::from(e.since_synced_ms(now_ms)) >= self.sync_refresh_ms)
         {
             self.synced(id, now_ms);
         }
@@ -660,14 +661,14 @@ impl Engine {
             self.drop(DropReason::NoService);
             return;
         };
-        let flags = match p.kind {
+        let (flags, seq) = match p.kind {
             Kind::Ipv4 {
-                l4: L4::Tcp { flags, .. },
+                l4: L4::Tcp { flags, seq, .. },
                 ..
-            } => flags,
-            _ => TcpFlags::NONE,
+            } => (flags, seq),
+            _ => (TcpFlags::NONE, 0),
         };
-        let id = match self.conns.lookup_client(&key, flags) {
+        let id = match self.conns.lookup_client(&key, flags, seq) {
             ClientLookup::Existing(id) => {
                 if self.reset_if_backend_down(id, frame, p, out) {
                     return;
@@ -684,6 +685,7 @@ impl Engine {
                 }
                 id
             }
+            ClientLookup::StaleSyn(_) => return self.drop(DropReason::StaleSyn),
             ClientLookup::Reused(old) => {
                 if let Some(e) = self.conns.remove(old) {
                     self.stats
@@ -889,6 +891,13 @@ impl Engine {
             },
             method: b.method,
             client_mac: self.client_mac_of(p, key.src, now_ms),
+            isn: match p.kind {
+                Kind::Ipv4 {
+                    l4: L4::Tcp { seq, .. },
+                    ..
+                } if TcpInput::is_new_conn(flags) => Some(seq),
+                _ => None,
+            },
         };
         match self.conns.insert(nc, flags, now_ms) {
             Ok(id) => {

@@ -26,6 +26,7 @@ fn nat(n: u32) -> NewConn {
         backend_port: 8080,
         method: Method::Nat,
         client_mac: MAC,
+        isn: None,
     }
 }
 
@@ -297,6 +298,7 @@ fn arb_conn() -> impl Strategy<Value = SyncConn> {
                     backend_port: bp,
                     method: Method::ALL[m],
                     client_mac: mac,
+                    isn: None,
                 },
                 state: ConnState::ALL[s],
                 age_ms: age,
@@ -526,7 +528,8 @@ fn entry(n: u32, state: ConnState, last_seen_ms: u64) -> Entry {
         state,
         client_mac: c.client_mac,
         last_seen_ms,
-        synced_ms: last_seen_ms,
+        synced_ms: last_seen_ms as u32,
+        isn: 0,
     }
 }
 
