@@ -53,6 +53,8 @@ pub struct Peers {
     params: TableParams,
     cluster: Cluster,
     exec_rx: Option<mpsc::UnboundedReceiver<Exec>>,
+    /// The heartbeat's config, for its tracked scripts (run by [`Peers::run`]).
+    heartbeat: heartbeat::config::Config,
     vips: Vec<Ipv4Addr>,
     universe: Vec<u32>,
     drain: watch::Receiver<bool>,
@@ -206,6 +208,7 @@ impl Peers {
             params,
             cluster: cluster.clone(),
             exec_rx: Some(exec_rx),
+            heartbeat: hb,
             vips: config.vips(),
             universe,
             drain,
@@ -282,6 +285,15 @@ impl Peers {
                 }
             });
             tokio::spawn(heartbeat::driver::exec::run(rx));
+        }
+        // Tracked scripts, as `heartbeat run` runs them: e.g. a check of the
+        // front path that faults the gateway instances of a node whose front
+        // link is cut silently, so that a peer takes its gateway (the
+        // replies of the connections the peer took over then reach it).
+        if !self.heartbeat.scripts.is_empty() {
+            let cfg = self.heartbeat.clone();
+            let cmd = self.handle.commander.clone();
+            tokio::spawn(async move { heartbeat::driver::run_scripts(&cfg, cmd).await });
         }
         let mut status: watch::Receiver<Arc<NodeStatus>> = self.handle.status.clone();
         // Joining: listen for peers a few intervals, then pull the table

@@ -66,6 +66,20 @@ pub fn rs_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 0, 21 + i as u8)
 }
 
+/// The heartbeat script every instance of a node tracks (weight 0: failing
+/// faults the instance): the front router answers a ping on the front NIC.
+/// A node whose front link is cut silently (carrier up) gives up its back
+/// gateways then, so that the peer that took its buckets gets the replies
+/// of the connections it continues, as keepalived operators track their
+/// gateway with a `vrrp_script`.
+pub fn front_check() -> String {
+    format!(
+        "\n[[script]]\nname = \"front_path\"\n\
+         command = [\"ping\", \"-c\", \"1\", \"-W\", \"1\", \"-I\", \"front0\", \"{RTR_FRONT}\"]\n\
+         interval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2\n"
+    )
+}
+
 pub struct ClusterBed {
     pub tb: Testbed,
     pub client: Host,
@@ -153,7 +167,8 @@ impl ClusterBed {
     }
 
     /// Node k's heartbeat config: front instance (lb1 highest), one back
-    /// gateway instance per node (its own highest), membership.
+    /// gateway instance per node (its own highest), membership, and the
+    /// front path check every instance tracks ([`front_check`]).
     /// `[cluster.gateways]`: each node's sub-cluster gateway.
     fn gateways_toml(&self) -> String {
         let mut t = String::from("\n[cluster.gateways]\n");
@@ -178,7 +193,7 @@ impl ClusterBed {
             "[node]\nid = {k}\nname = \"lb{k}\"\n\n[control]\nsocket = \"{}\"\n\n\
              [[instance]]\nname = \"front\"\ninterface = \"front0\"\nvrid = 51\npriority = {}\n\
              advert_interval = \"{}\"\npreempt = true\nvirtual_addresses = [\"{VIP}/32\"]\narp_mac = \"{}\"\n\
-             garp = {{ repeat = 3, interval = \"10ms\" }}\n",
+             garp = {{ repeat = 3, interval = \"10ms\" }}\ntrack_scripts = [\"front_path\"]\n",
             self.dir().join(format!("hb{k}.sock")).display(),
             250 - 50 * k,
             self.advert,
@@ -187,13 +202,15 @@ impl ClusterBed {
         for g in 1..=n {
             s += &format!(
                 "\n[[instance]]\nname = \"gw{g}\"\ninterface = \"back0\"\nvrid = {}\npriority = {}\n\
-                 advert_interval = \"{}\"\npreempt = true\nvirtual_addresses = [\"{}/24\"]\n",
+                 advert_interval = \"{}\"\npreempt = true\nvirtual_addresses = [\"{}/24\"]\n\
+                 track_scripts = [\"front_path\"]\n",
                 60 + g,
                 if g == k { 200 } else { 100 - k },
                 self.advert,
                 gateway(g)
             );
         }
+        s += &front_check();
         s += &format!(
             "\n[membership]\ninterface = \"front0\"\ngroup = \"239.255.77.77\"\nport = 7788\nnodes = [{}]\n\
              interval = \"{}\"\nkey = \"{KEY}\"\n",

@@ -571,19 +571,54 @@ fn director_mode_passes_other_nodes_flows_to_them() -> Result<()> {
 }
 
 /// A silent cut of the MAC holder's front link (carrier stays up): the
-/// survivor takes its buckets and, as the cut node still holds its
-/// sub-cluster's gateway on the back segment, schedules new flows only to
-/// servers whose replies come back to it; after detection every new flow
-/// succeeds.
+/// survivor takes its buckets; the cut node's front check fails, which
+/// faults its gateway instances, so the survivor also takes the cut node's
+/// back gateway and with it the replies of the connections it continues.
+/// After detection every new flow succeeds, and no long-lived connection
+/// breaks, those of the cut node's sub-cluster included.
 #[test]
-fn silent_front_cut_of_the_mac_holder() -> Result<()> {
+fn silent_front_cut_of_the_mac_holder_breaks_no_long_lived_connection() -> Result<()> {
     let (c, _srv, _nodes) = two_nodes("cl-cut")?;
+    let conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 12, T))??;
+    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
+    ensure!(
+        on_rs1 > 0 && on_rs1 < conns.len(),
+        "connections all on one node: {on_rs1} of {}",
+        conns.len()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let long = c.client.spawn_in_ns(move || {
+        let mut conns = conns;
+        exercise(&mut conns, Duration::from_secs(4), EVERY, 1000)
+    });
     let v = load_around(&c, 4, || c.tb.cut(&c.nodes[0], "front0"))?;
+    let broken = long
+        .join()
+        .map_err(|_| anyhow::anyhow!("long-lived thread panicked"))??;
+    println!(
+        "FIGURE cluster silent front cut of the MAC holder: {} of 12 long-lived connections broken ({on_rs1} in the cut node's sub-cluster)",
+        broken.len()
+    );
     recovered(&v, "silent cut of MAC holder, 100ms adverts")?;
-    // The survivor took every bucket; the cut node still holds its gateway.
     ensure!(
         sole_owner(&c.status(2)?, 2),
         "lb2 does not own every bucket after the cut"
+    );
+    let gw1 = format!("{}/24", netns_tests::cluster::gateway(1));
+    let on = |k: usize| -> Result<bool> {
+        Ok(c.nodes[k - 1]
+            .run(&["ip", "-o", "addr", "show", "back0"])?
+            .contains(&gw1))
+    };
+    ensure!(
+        on(2)? && !on(1)?,
+        "gateway {gw1}: on lb1 {}, on lb2 {}",
+        on(1)?,
+        on(2)?
+    );
+    ensure!(
+        broken.is_empty(),
+        "long-lived connections broken: {broken:?}"
     );
     Ok(())
 }

@@ -615,8 +615,12 @@ fn busy_server_gets_a_smaller_share_of_new_flows() -> Result<()> {
         (share(&before) - 1.0 / 3.0).abs() < 0.08,
         "idle shares not even: {before:?}"
     );
+    // Weights below half the others' (polled above) give rs1 at most 0.2
+    // of the flows, typically 0.17 (41/241); over 300 flows one standard
+    // deviation is 0.022, so 0.25 (3/4 of its idle share) is a margin of
+    // 2–3.5 of them. At 0.6 of the idle share (0.2) it failed by chance.
     ensure!(
-        share(&during) < share(&before) * 0.6,
+        share(&during) < share(&before) * 0.75,
         "busy rs1 kept its share: {during:?} vs {before:?}"
     );
     ensure!(
