@@ -157,6 +157,21 @@ fn gap_ms(v: &[(u64, bool)]) -> u64 {
     worst
 }
 
+/// Opens `n` long-lived connections through the VIP and checks that both
+/// sub-clusters got some; returns them and how many are on rs1 (lb1's).
+fn open_on_both(c: &ClusterBed, n: usize) -> Result<(Vec<netns_tests::client::LongConn>, usize)> {
+    let conns = c
+        .client
+        .in_ns(move || open_long(SingleNode::vip(80), n, T))??;
+    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
+    ensure!(
+        on_rs1 > 0 && on_rs1 < conns.len(),
+        "connections all on one node: {on_rs1} of {}",
+        conns.len()
+    );
+    Ok((conns, on_rs1))
+}
+
 fn two_nodes(
     tag: &str,
 ) -> Result<(
@@ -382,14 +397,7 @@ fn sigterm_of_the_other_node_under_load_fails_no_request_and_breaks_no_connectio
 #[test]
 fn long_lived_nat_connections_survive_sigkill_of_their_node() -> Result<()> {
     let (c, _srv, nodes) = two_nodes("cl-sync")?;
-    // Open connections until some are served by each node's sub-cluster.
-    let conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 12, T))??;
-    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
-    ensure!(
-        on_rs1 > 0 && on_rs1 < conns.len(),
-        "connections all on one node: {on_rs1} of {}",
-        conns.len()
-    );
+    let (conns, on_rs1) = open_on_both(&c, 12)?;
     // Give the sync datagrams a moment (they leave within a poll round).
     std::thread::sleep(Duration::from_millis(200));
     let pid = nodes[0].pid().unwrap_or(0);
@@ -579,13 +587,7 @@ fn director_mode_passes_other_nodes_flows_to_them() -> Result<()> {
 #[test]
 fn silent_front_cut_of_the_mac_holder_breaks_no_long_lived_connection() -> Result<()> {
     let (c, _srv, _nodes) = two_nodes("cl-cut")?;
-    let conns = c.client.in_ns(|| open_long(SingleNode::vip(80), 12, T))??;
-    let on_rs1 = conns.iter().filter(|(_, s)| s == "rs1").count();
-    ensure!(
-        on_rs1 > 0 && on_rs1 < conns.len(),
-        "connections all on one node: {on_rs1} of {}",
-        conns.len()
-    );
+    let (conns, on_rs1) = open_on_both(&c, 12)?;
     std::thread::sleep(Duration::from_millis(200));
     let long = c.client.spawn_in_ns(move || {
         let mut conns = conns;
