@@ -22,30 +22,41 @@ use anyhow::{Result, bail};
 use crate::single::{CLIENT, RTR_BACK, RTR_FRONT, VIP, wait_listening};
 use crate::topo::{Host, Proc, Testbed, wait_until, workspace_bin};
 
-/// `web` TCP 80, wrr, NAT on 8080 to rs1 (node 1's sub-cluster) and rs2
-/// (node 2's).
-pub const NAT_SERVICES: &str = r#"
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
+/// `[[service]]` `web`: TCP 80 on the VIP, wrr, over `backends` (each the
+/// keys of one `[[service.backend]]` table).
+pub fn web_service(backends: &[String]) -> String {
+    let mut s = format!(
+        "\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"wrr\"\n"
+    );
+    for b in backends {
+        s += &format!("\n[[service.backend]]\n{b}");
+    }
+    s
+}
 
-[[service.backend]]
-name = "rs1"
-address = "198.19.0.21"
-port = 8080
-forward = "nat"
-node = 1
+/// `web` over rs1 (node 1's sub-cluster) and rs2 (node 2's) by `forward`
+/// (`"nat"`: to port 8080; `"dr"`).
+pub fn sub_cluster_services(forward: &str) -> String {
+    let port = if forward == "nat" {
+        "port = 8080\n"
+    } else {
+        ""
+    };
+    let backends: Vec<String> = (1..=2)
+        .map(|k| {
+            format!(
+                "name = \"rs{k}\"\naddress = \"{}\"\n{port}forward = \"{forward}\"\nnode = {k}\n",
+                rs_addr(k - 1)
+            )
+        })
+        .collect();
+    web_service(&backends)
+}
 
-[[service.backend]]
-name = "rs2"
-address = "198.19.0.22"
-port = 8080
-forward = "nat"
-node = 2
-"#;
+/// `web` by NAT over the two sub-clusters, the cluster tests' usual service.
+pub fn nat_services() -> String {
+    sub_cluster_services("nat")
+}
 
 pub const CLUSTER_MAC: &str = "01:00:5e:7f:00:64";
 /// Director mode: the VRRP virtual MAC of the front instance (VRID 51).

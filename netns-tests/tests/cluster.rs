@@ -5,14 +5,12 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use netns_tests::client::{exercise, http_get, open_long};
-use netns_tests::cluster::ClusterBed;
+use netns_tests::cluster::{ClusterBed, nat_services};
 use netns_tests::single::SingleNode;
 
 const T: Duration = Duration::from_secs(5);
 /// A request on each long-lived connection this often.
 const EVERY: Duration = Duration::from_millis(100);
-
-const NAT: &str = netns_tests::cluster::NAT_SERVICES;
 
 fn conns_total(st: &serde_json::Value) -> u64 {
     st["services"][0]["conns_total"].as_u64().unwrap_or(0)
@@ -24,8 +22,8 @@ fn conns_total(st: &serde_json::Value) -> u64 {
 fn two_nodes_share_flows_by_bucket_and_none_is_served_twice() -> Result<()> {
     let c = ClusterBed::new("cl-share", 2, 2, "100ms")?;
     let _srv = c.start_servers(8080)?;
-    let cfg1 = c.write_configs(1, NAT)?;
-    let cfg2 = c.write_configs(2, NAT)?;
+    let cfg1 = c.write_configs(1, &nat_services())?;
+    let cfg2 = c.write_configs(2, &nat_services())?;
     let _n1 = c.start_node(1, &cfg1)?;
     let _n2 = c.start_node(2, &cfg2)?;
     std::thread::sleep(Duration::from_millis(1500));
@@ -183,7 +181,7 @@ fn two_nodes(
     let srv = c.start_servers(8080)?;
     let mut nodes = Vec::new();
     for k in 1..=2 {
-        let cfg = c.write_configs(k, NAT)?;
+        let cfg = c.write_configs(k, &nat_services())?;
         nodes.push(c.start_node(k, &cfg)?);
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -547,7 +545,7 @@ fn director_mode_passes_other_nodes_flows_to_them() -> Result<()> {
     let _srv = c.start_servers(8080)?;
     let mut nodes = Vec::new();
     for k in 1..=2 {
-        let cfg = c.write_configs(k, NAT)?;
+        let cfg = c.write_configs(k, &nat_services())?;
         nodes.push(c.start_node(k, &cfg)?);
     }
     std::thread::sleep(Duration::from_millis(1500));

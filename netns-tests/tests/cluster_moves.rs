@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use netns_tests::client::{HttpConn, exercise, open_long};
-use netns_tests::cluster::{ClusterBed, NAT_SERVICES};
+use netns_tests::cluster::{ClusterBed, nat_services, sub_cluster_services, web_service};
 use netns_tests::single::{CLIENT, SingleNode};
 use netns_tests::topo::wait_until;
 use nix::sys::signal::Signal;
@@ -16,18 +16,9 @@ use nix::sys::signal::Signal;
 const T: Duration = Duration::from_secs(5);
 
 /// Every node serves its flows itself: the answer names the node.
-const LOCAL: &str = r#"
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
-
-[[service.backend]]
-name = "local"
-forward = "local"
-"#;
+fn local_service() -> String {
+    web_service(&["name = \"local\"\nforward = \"local\"\n".to_string()])
+}
 
 /// One request from the client's source port `port` on a fresh
 /// connection; the answering server.
@@ -62,7 +53,7 @@ fn three_nodes_only_the_leavers_flows_move() -> Result<()> {
     let _local = c.start_local_services(80)?;
     let mut nodes = Vec::new();
     for k in 1..=3 {
-        let cfg = c.write_configs(k, LOCAL)?;
+        let cfg = c.write_configs(k, &local_service())?;
         nodes.push(c.start_node(k, &cfg)?);
     }
     // Ready when every node owns buckets in every node's table (a
@@ -142,27 +133,6 @@ fn three_nodes_only_the_leavers_flows_move() -> Result<()> {
     Ok(())
 }
 
-const DR: &str = r#"
-[[service]]
-name = "web"
-vip = "198.18.0.100"
-port = 80
-protocol = "tcp"
-scheduler = "wrr"
-
-[[service.backend]]
-name = "rs1"
-address = "198.19.0.21"
-forward = "dr"
-node = 1
-
-[[service.backend]]
-name = "rs2"
-address = "198.19.0.22"
-forward = "dr"
-node = 2
-"#;
-
 /// Connection sync with direct routing: long-lived DR connections owned by
 /// a node survive its SIGKILL (the survivor knows each one's real server
 /// from the synced entry and keeps sending the client's segments there).
@@ -175,7 +145,7 @@ fn long_lived_dr_connections_survive_sigkill_of_their_node() -> Result<()> {
     let _srv = c.start_servers(80)?;
     let mut nodes = Vec::new();
     for k in 1..=2 {
-        let cfg = c.write_configs(k, DR)?;
+        let cfg = c.write_configs(k, &sub_cluster_services("dr"))?;
         nodes.push(c.start_node(k, &cfg)?);
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -219,7 +189,7 @@ fn busy_connections_older_than_the_idle_timeout_survive_sigkill() -> Result<()> 
     for k in 1..=2 {
         let cfg = c.write_configs(
             k,
-            &format!("[conntrack]\ntcp_established = \"3s\"\n{NAT_SERVICES}"),
+            &format!("[conntrack]\ntcp_established = \"3s\"\n{}", nat_services()),
         )?;
         nodes.push(c.start_node(k, &cfg)?);
     }

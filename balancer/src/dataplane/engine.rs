@@ -668,6 +668,8 @@ impl Engine {
             } => (flags, seq),
             _ => (TcpFlags::NONE, 0),
         };
+        // The client's ISN, kept by an entry scheduled on this SYN.
+        let isn = TcpInput::is_new_conn(flags).then_some(seq);
         let id = match self.conns.lookup_client(&key, flags, seq) {
             ClientLookup::Existing(id) => {
                 if self.reset_if_backend_down(id, frame, p, out) {
@@ -695,13 +697,13 @@ impl Engine {
                         s.conn_removed(&e, now_ms);
                     }
                 }
-                match self.new_conn(svc, key, flags, p, now_ms) {
+                match self.new_conn(svc, key, flags, isn, p, now_ms) {
                     Admit::Conn(id) => id,
                     Admit::Dropped => return,
                     Admit::Refused => return self.refuse(svc, frame, p, out),
                 }
             }
-            ClientLookup::New => match self.new_conn(svc, key, flags, p, now_ms) {
+            ClientLookup::New => match self.new_conn(svc, key, flags, isn, p, now_ms) {
                 Admit::Conn(id) => id,
                 Admit::Dropped => return,
                 Admit::Refused => return self.refuse(svc, frame, p, out),
@@ -822,12 +824,14 @@ impl Engine {
         self.hold = q;
     }
 
-    /// Schedules a new flow and records it.
+    /// Schedules a new flow and records it (`isn`: the client's, if this
+    /// is its SYN).
     fn new_conn(
         &mut self,
         svc: u16,
         key: FlowKey,
         flags: TcpFlags,
+        isn: Option<u32>,
         p: &Parsed,
         now_ms: u64,
     ) -> Admit {
@@ -891,13 +895,7 @@ impl Engine {
             },
             method: b.method,
             client_mac: self.client_mac_of(p, key.src, now_ms),
-            isn: match p.kind {
-                Kind::Ipv4 {
-                    l4: L4::Tcp { seq, .. },
-                    ..
-                } if TcpInput::is_new_conn(flags) => Some(seq),
-                _ => None,
-            },
+            isn,
         };
         match self.conns.insert(nc, flags, now_ms) {
             Ok(id) => {

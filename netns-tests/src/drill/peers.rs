@@ -253,21 +253,20 @@ impl Ours {
     /// service too (weight 1, like one real server).
     fn services(&self, c: &Cluster) -> String {
         let n = c.nodes.len();
-        let mut s = format!(
-            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\nprotocol = \"tcp\"\nscheduler = \"wrr\"\n"
-        );
-        for i in 0..c.rs.len() {
-            s += &format!(
-                "\n[[service.backend]]\nname = \"rs{}\"\naddress = \"{}\"\nport = {RS_PORT}\nforward = \"nat\"\nnode = {}\n",
-                i + 1,
-                rs_addr(i),
-                i % n + 1
-            );
-        }
+        let mut backends: Vec<String> = (0..c.rs.len())
+            .map(|i| {
+                format!(
+                    "name = \"rs{}\"\naddress = \"{}\"\nport = {RS_PORT}\nforward = \"nat\"\nnode = {}\n",
+                    i + 1,
+                    rs_addr(i),
+                    i % n + 1
+                )
+            })
+            .collect();
         if self.local {
-            s += "\n[[service.backend]]\nname = \"local\"\nforward = \"local\"\n";
+            backends.push("name = \"local\"\nforward = \"local\"\n".to_string());
         }
-        s
+        crate::cluster::web_service(&backends)
     }
 
     /// The last cluster view node `i` logged (`balancer status` does not
