@@ -497,14 +497,8 @@ impl Engine {
             self.drop(rewrite_drop(err));
             return false;
         }
-        if nat::set_macs(frame, self.ifs.front_mac, MacAddr(mac.unwrap_or([0; 6]))).is_err() {
-            self.drop(DropReason::Runt);
+        if !self.send_or_hold(Segment::Front, owner, mac, frame, p, now_ms, out) {
             return false;
-        }
-        let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-        match mac {
-            Some(_) => self.send_front(out, &frame[..end]),
-            None => self.hold_for(Segment::Front, owner, &frame[..end], now_ms, out),
         }
         self.stats
             .passed
@@ -753,15 +747,39 @@ impl Engine {
         out: &mut dyn Output,
     ) {
         let mac = self.neigh.lookup(addr, now_ms);
-        if nat::set_macs(frame, self.ifs.back_mac, MacAddr(mac.unwrap_or([0; 6]))).is_err() {
+        self.send_or_hold(Segment::Back, addr, mac, frame, p, now_ms, out);
+    }
+
+    /// Sends a rewritten frame from `segment`'s NIC to the neighbour `ip`,
+    /// with its MAC (`mac`, looked up by the caller), or holds it until that
+    /// MAC is learned ([`Engine::hold_for`]). False, counted `runt`, when
+    /// the frame has no room for the MACs.
+    #[allow(clippy::too_many_arguments)]
+    fn send_or_hold(
+        &mut self,
+        segment: Segment,
+        ip: Ipv4Addr,
+        mac: Option<[u8; 6]>,
+        frame: &mut [u8],
+        p: &Parsed,
+        now_ms: u64,
+        out: &mut dyn Output,
+    ) -> bool {
+        let src = match segment {
+            Segment::Front => self.ifs.front_mac,
+            Segment::Back => self.ifs.back_mac,
+        };
+        if nat::set_macs(frame, src, MacAddr(mac.unwrap_or([0; 6]))).is_err() {
             self.drop(DropReason::Runt);
-            return;
+            return false;
         }
         let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-        match mac {
-            Some(_) => self.send_back(out, &frame[..end]),
-            None => self.hold_for(Segment::Back, addr, &frame[..end], now_ms, out),
+        match (mac, segment) {
+            (Some(_), Segment::Front) => self.send_front(out, &frame[..end]),
+            (Some(_), Segment::Back) => self.send_back(out, &frame[..end]),
+            (None, _) => self.hold_for(segment, ip, &frame[..end], now_ms, out),
         }
+        true
     }
 
     /// Holds a frame (complete but for its destination MAC) until `ip`'s
@@ -1132,27 +1150,12 @@ impl Engine {
                     (Some(e.client_mac), None)
                 };
                 let (service, backend) = (e.service as usize, e.backend as usize);
-                if nat::set_macs(
-                    frame,
-                    self.ifs.front_mac,
-                    MacAddr(client_mac.unwrap_or([0; 6])),
-                )
-                .is_err()
-                {
-                    self.drop(DropReason::Runt);
-                    return;
+                if client_mac.is_none() && hop.is_none() {
+                    return self.drop(DropReason::NoNeighbor);
                 }
-                let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-                match (client_mac, hop) {
-                    (Some(_), _) => {
-                        self.stats.record_out(service, backend, ip_len(&p));
-                        self.send_front(out, &frame[..end]);
-                    }
-                    (None, Some(hop)) => {
-                        self.stats.record_out(service, backend, ip_len(&p));
-                        self.hold_for(Segment::Front, hop, &frame[..end], now_ms, out);
-                    }
-                    (None, None) => self.drop(DropReason::NoNeighbor),
+                let to = hop.unwrap_or(e.key.src);
+                if self.send_or_hold(Segment::Front, to, client_mac, frame, &p, now_ms, out) {
+                    self.stats.record_out(service, backend, ip_len(&p));
                 }
             }
         }
