@@ -28,9 +28,15 @@ fn get_from_port(port: u16) -> Result<String> {
     sock.bind(&SocketAddr::V4(SocketAddrV4::new(CLIENT, port)).into())?;
     sock.connect_timeout(&SingleNode::vip(80).into(), T)
         .with_context(|| format!("connect from port {port}"))?;
-    let mut c = HttpConn::from_stream(sock.into(), T)?;
+    let stream: std::net::TcpStream = sock.into();
+    let mut rest = stream.try_clone()?;
+    let mut c = HttpConn::from_stream(stream, T)?;
     let r = c.get(100, true)?;
     ensure!(r.status == 200 && r.body_ok, "bad reply {r:?}");
+    // Close after the server (its FIN first): the client then keeps no
+    // TIME_WAIT, and the next round can connect from this port again
+    // (closing first failed that connect now and then, EADDRNOTAVAIL).
+    let _ = std::io::Read::read_to_end(&mut rest, &mut Vec::new());
     Ok(r.server)
 }
 
