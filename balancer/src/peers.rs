@@ -407,9 +407,9 @@ pub struct Drainer {
 impl Drainer {
     /// Stops owning buckets, waits until the dataplane works with that view
     /// and has sent the peers every connection it scheduled before (at
-    /// most `bound`; this node owns its buckets meanwhile, so waiting costs
-    /// nothing), then announces weight 0: the peers take the buckets when
-    /// the announcement arrives.
+    /// most `bound`; meanwhile it passes its former buckets' frames to
+    /// their new owner, so waiting loses nothing), then announces weight 0:
+    /// the peers take the buckets when the announcement arrives.
     ///
     /// The order is what keeps every flow with one scheduler. Were the
     /// announcement first, a peer would own the buckets from its arrival (a
