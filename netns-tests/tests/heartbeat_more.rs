@@ -157,11 +157,14 @@ fn front_instance(prio: u8, extra: &str) -> String {
 }
 
 /// A notify script that appends its arguments, `|`-separated, to `<path>.log`.
+/// The daemon runs the group's and the instances' scripts concurrently, so the
+/// line is built first and appended with one write: field by field, two runs'
+/// lines interleaved ("INSTANCE|GROUP|front|lb|...").
 fn notify_script(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     std::fs::write(
         &p,
-        "#!/bin/sh\n{ for a in \"$@\"; do printf '%s|' \"$a\"; done; echo; } >> \"$0.log\"\n",
+        "#!/bin/sh\nline=\nfor a in \"$@\"; do line=\"$line$a|\"; done\nprintf '%s\\n' \"$line\" >> \"$0.log\"\n",
     )?;
     std::process::Command::new("chmod")
         .args(["+x", &p.display().to_string()])
