@@ -536,6 +536,13 @@ impl Engine {
         }
     }
 
+    fn send_on(&self, segment: Segment, out: &mut dyn Output, frame: &[u8]) {
+        match segment {
+            Segment::Front => self.send_front(out, frame),
+            Segment::Back => self.send_back(out, frame),
+        }
+    }
+
     fn send_local(&self, out: &mut dyn Output, packet: &[u8]) {
         if out.to_local(packet) {
             self.stats
@@ -774,10 +781,9 @@ impl Engine {
             return false;
         }
         let end = p.l3_end().unwrap_or(frame.len()).min(frame.len());
-        match (mac, segment) {
-            (Some(_), Segment::Front) => self.send_front(out, &frame[..end]),
-            (Some(_), Segment::Back) => self.send_back(out, &frame[..end]),
-            (None, _) => self.hold_for(segment, ip, &frame[..end], now_ms, out),
+        match mac {
+            Some(_) => self.send_on(segment, out, &frame[..end]),
+            None => self.hold_for(segment, ip, &frame[..end], now_ms, out),
         }
         true
     }
@@ -835,10 +841,7 @@ impl Engine {
             return;
         }
         let mut q = std::mem::replace(&mut self.hold, HoldQueue::empty());
-        q.release(segment, ip, mac, |f| match segment {
-            Segment::Back => self.send_back(out, f),
-            Segment::Front => self.send_front(out, f),
-        });
+        q.release(segment, ip, mac, |f| self.send_on(segment, out, f));
         self.hold = q;
     }
 
