@@ -34,22 +34,21 @@ pub fn web_service(backends: &[String]) -> String {
     s
 }
 
+/// The keys of real server `rs{k}` ([`rs_addr`]`(k - 1)`) in node `node`'s
+/// sub-cluster, by `forward`, on `port` (none: the service's).
+pub fn rs_backend(k: usize, port: Option<u16>, forward: &str, node: usize) -> String {
+    let port = port.map(|p| format!("port = {p}\n")).unwrap_or_default();
+    format!(
+        "name = \"rs{k}\"\naddress = \"{}\"\n{port}forward = \"{forward}\"\nnode = {node}\n",
+        rs_addr(k - 1)
+    )
+}
+
 /// `web` over rs1 (node 1's sub-cluster) and rs2 (node 2's) by `forward`
 /// (`"nat"`: to port 8080; `"dr"`).
 pub fn sub_cluster_services(forward: &str) -> String {
-    let port = if forward == "nat" {
-        "port = 8080\n"
-    } else {
-        ""
-    };
-    let backends: Vec<String> = (1..=2)
-        .map(|k| {
-            format!(
-                "name = \"rs{k}\"\naddress = \"{}\"\n{port}forward = \"{forward}\"\nnode = {k}\n",
-                rs_addr(k - 1)
-            )
-        })
-        .collect();
+    let port = (forward == "nat").then_some(8080);
+    let backends: Vec<String> = (1..=2).map(|k| rs_backend(k, port, forward, k)).collect();
     web_service(&backends)
 }
 

@@ -254,14 +254,7 @@ impl Ours {
     fn services(&self, c: &Cluster) -> String {
         let n = c.nodes.len();
         let mut backends: Vec<String> = (0..c.rs.len())
-            .map(|i| {
-                format!(
-                    "name = \"rs{}\"\naddress = \"{}\"\nport = {RS_PORT}\nforward = \"nat\"\nnode = {}\n",
-                    i + 1,
-                    rs_addr(i),
-                    i % n + 1
-                )
-            })
+            .map(|i| crate::cluster::rs_backend(i + 1, Some(RS_PORT), "nat", i % n + 1))
             .collect();
         if self.local {
             backends.push("name = \"local\"\nforward = \"local\"\n".to_string());
